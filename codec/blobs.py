@@ -1,0 +1,67 @@
+"""Blob encodings (spec section "Blobs"): raw, or one zstd frame with its content size.
+
+Decoding never trusts the frame: the frame header must declare exactly the raw
+length the index records before anything is allocated, the frame must be the
+only thing in the blob, and the CRC-32 of the stored bytes is checked first.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import zstandard
+
+from .constants import Encoding
+from .errors import PayloadChecksumError, PayloadError, UnknownKindError
+
+# zstd's own default limit (2**27 bytes): frames asking for a bigger window are refused.
+MAX_WINDOW_BYTES = 1 << 27
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def encode(raw, level: int) -> tuple[int, bytes]:
+    """Choose the smaller of raw and zstd for ``raw``; return (encoding, stored bytes)."""
+    raw = memoryview(raw).cast("B")
+    if level is not None and len(raw) > 0:
+        packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+        if len(packed) < len(raw):
+            return Encoding.ZSTD, packed
+    return Encoding.RAW, bytes(raw)
+
+
+def decode(stored, blob: dict, where: str) -> bytes:
+    """Check and decode one blob's stored bytes into its raw bytes."""
+    if crc32(stored) != blob["crc32"]:
+        raise PayloadChecksumError(f"{where}: payload CRC-32 mismatch")
+    encoding, raw_length = blob["encoding"], blob["raw_length"]
+    if encoding == Encoding.RAW:
+        if len(stored) != raw_length:
+            raise PayloadError(f"{where}: raw blob of {len(stored)} bytes, record says {raw_length}")
+        return stored
+    if encoding == Encoding.ZSTD:
+        return _decode_zstd(stored, raw_length, where)
+    raise UnknownKindError(f"{where}: unknown blob encoding {encoding}")
+
+
+def _decode_zstd(stored, raw_length: int, where: str) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(stored)
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"{where}: not a zstd frame ({exc})") from None
+    if params.content_size != raw_length:
+        # Also catches frames without a content size (reported as 0 or -1 by zstd).
+        raise PayloadError(
+            f"{where}: zstd frame declares {params.content_size} bytes, record says {raw_length}"
+        )
+    try:
+        out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES).decompress(
+            stored, max_output_size=raw_length, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"{where}: zstd frame does not decode ({exc})") from None
+    if len(out) != raw_length:
+        raise PayloadError(f"{where}: zstd frame gave {len(out)} bytes, record says {raw_length}")
+    return out

@@ -1,0 +1,75 @@
+"""Every number the .dcm format fixes, in one place (spec/dcm-format.md is normative).
+
+Registries are append-only: a number, once given to a meaning, is never reused.
+"""
+
+from __future__ import annotations
+
+import enum
+
+MAGIC = b"\x89DCM\r\n\x1a\n"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+HEADER_SIZE = 64
+HEADER_CRC_OFFSET = 60  # the CRC-32 field; it covers header bytes [0, 60) then the index
+DEFAULT_ALIGNMENT = 64
+MIN_ALIGNMENT = 8
+MAX_ALIGNMENT = 65536
+
+# Flag bits.  None is defined in 1.0; a reader rejects any unknown required bit
+# and ignores unknown optional bits.
+KNOWN_REQUIRED_FLAGS = 0
+KNOWN_OPTIONAL_FLAGS = 0
+
+# Limits (spec section "Limits"): checked before anything is allocated.
+MAX_INDEX_BYTES = 64 * 2**20
+MAX_TENSORS = 2**20
+MAX_ATTACHMENTS = 4096
+MAX_NAME_BYTES = 512
+MAX_DIMS = 8
+MAX_ELEMENTS = 2**48  # per tensor; overflow guard on the product of dims
+MAX_MSGPACK_DEPTH = 16
+MAX_BLOBS_PER_RECORD = 4096
+MAX_ATTACHMENT_BYTES = 16 * 2**20
+
+
+class Encoding(enum.IntEnum):
+    """How a blob's stored bytes become its raw bytes."""
+
+    RAW = 0
+    ZSTD = 1
+
+
+class Kind(enum.IntEnum):
+    """Record kinds: how a tensor of the fine-tune is rebuilt."""
+
+    DENSE_DELTA = 1  # exact delta against the base tensor, bit for bit
+    FULL = 2  # the fine-tuned tensor stored whole
+    REMOVED = 3  # a base tensor the fine-tune does not have
+
+
+KIND_NAMES = {
+    Kind.DENSE_DELTA: "dense-delta",
+    Kind.FULL: "full",
+    Kind.REMOVED: "removed",
+}
+
+
+class Transform(enum.IntEnum):
+    """Integer transforms applied to the bit patterns before byte-plane splitting."""
+
+    NONE = 0  # the bit patterns as they are
+    SUB_ZIGZAG = 1  # zigzag(ft_bits - base_bits mod 2^n): small deltas -> small codes
+
+
+class Packing(enum.IntEnum):
+    """How integer codes of b bits are laid out in a blob's raw bytes."""
+
+    LSB_FIRST = 1  # code i, bit j at stream bit i*b + j; byte k holds bits 8k..8k+7, bit 0 = LSB
+
+
+# Element layouts of a dense array in a blob (param "layout" of dense-delta / full).
+class Layout(enum.IntEnum):
+    PLAIN = 0  # one blob: the elements, little-endian, C order
+    BYTE_PLANES = 1  # one blob per byte of the element, least significant byte first

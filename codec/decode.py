@@ -1,0 +1,74 @@
+"""``dcm.decode``: a .dcm file + its base -> the fine-tune's checkpoint directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from . import dtypes
+from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo, check_relpath
+from .constants import Kind
+from .errors import WrongBaseError
+from .reader import DcmFile, check_base_tensor
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers writes by default
+
+
+@dataclass
+class DecodeReport:
+    path: str
+    tensors: int
+    bytes_written: int
+    attachments: int
+    seconds: float
+
+
+def check_base_names(dcm: DcmFile, base: Checkpoint) -> None:
+    """The base must hold exactly the tensors the file references, with their dtypes and shapes."""
+    refs = {r.name: r.base for r in dcm.records() if r.base is not None}
+    for name, ref in refs.items():
+        if name not in base:
+            raise WrongBaseError(f"wrong base: tensor {name!r} is missing from the base")
+        info = base.info(name)
+        if info.dtype != ref["dtype"] or tuple(info.shape) != tuple(ref["shape"]):
+            raise WrongBaseError(
+                f"wrong base: tensor {name!r} is {info.dtype}{list(info.shape)}, "
+                f"the file expects {ref['dtype']}{list(ref['shape'])}")
+    for name in base.names():
+        if name not in refs:
+            raise WrongBaseError(f"wrong base: the base has tensor {name!r}, unknown to the file")
+
+
+def rebuild(dcm: DcmFile, base: Checkpoint, name: str):
+    """One fine-tuned tensor, checked against the base it was encoded against."""
+    rec = dcm.record(name)
+    base_array = None
+    if rec.base is not None:
+        base_array = base.read(name)
+        check_base_tensor(rec, base_array, base.info(name).dtype)
+    return dcm.tensor(name, base_array, check_base=False)
+
+
+def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = False,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> DecodeReport:
+    started = time.perf_counter()
+    with DcmFile(path) as dcm, Checkpoint(base) as base_ckpt:
+        check_base_names(dcm, base_ckpt)
+        kept = [r for r in dcm.records() if r.kind != Kind.REMOVED]
+        plan = [TensorInfo(r.name, r.dtype, tuple(r.shape), r.numel * dtypes.dtype(r.dtype).itemsize)
+                for r in kept]
+        total = sum(t.nbytes for t in plan)
+        metadata = dcm.index.get("checkpoint_metadata") or None
+        with CheckpointWriter(out_dir, plan, metadata=metadata, max_shard_bytes=max_shard_bytes,
+                              overwrite=overwrite) as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="decode", disable=not progress) as bar:
+            for info in plan:
+                writer.write(info.name, rebuild(dcm, base_ckpt, info.name))
+                bar.update(info.nbytes)
+            for name in dcm.attachments():
+                writer.write_attachment(check_relpath(name), dcm.attachment(name))
+            writer.commit()
+    return DecodeReport(str(out_dir), len(plan), total, len(dcm.attachments()),
+                        time.perf_counter() - started)

@@ -1,0 +1,124 @@
+"""``dcm.encode``: base + fine-tune checkpoints -> one .dcm file, one tensor at a time."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from . import __version__, methods
+from .checkpoint import Checkpoint
+from .constants import MAX_ATTACHMENT_BYTES, VERSION_MAJOR, VERSION_MINOR, Kind
+from .container import ContainerWriter
+from .index import check_index, pack_index
+from .reader import base_digest, tensor_sha256
+from .records import DenseDelta, Full
+
+
+@dataclass
+class EncodeReport:
+    path: str
+    file_bytes: int
+    records: int
+    params: int  # elements of the fine-tune's tensors
+    finetune_bytes: int  # the fine-tune's own tensor bytes
+    seconds: float
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.file_bytes / max(self.params, 1)
+
+
+def _base_ref(info, sha: bytes) -> dict:
+    return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
+
+
+class _Encoder:
+    def __init__(self, base: Checkpoint, ft: Checkpoint, writer: ContainerWriter, method, bar):
+        self.base, self.ft, self.writer, self.method, self.bar = base, ft, writer, method, bar
+        self.records = []
+
+    def record(self, name, kind, info, params, raws, base_ref):
+        rec = {"name": name, "kind": int(kind), "dtype": info.dtype, "shape": list(info.shape),
+               "params": params, "blobs": [self.writer.add_blob(raw) for raw in raws]}
+        if base_ref is not None:
+            rec["base"] = base_ref
+        self.records.append(rec)
+
+    def finetune_tensor(self, name):
+        info = self.ft.info(name)
+        ft = self.ft.read(name)
+        base_info = self.base.info(name) if name in self.base else None
+        base_ref = None
+        if base_info is None:
+            params, raws = Full.encode(ft)
+            kind = Kind.FULL
+        else:
+            base = self.base.read(name)
+            base_ref = _base_ref(base_info, tensor_sha256(base))
+            kind, params, raws = self._against_base(name, info, base_info, ft, base)
+        self.record(name, kind, info, params, raws, base_ref)
+        self.bar.update(info.nbytes)
+
+    def _against_base(self, name, info, base_info, ft, base):
+        if (base_info.dtype, base_info.shape) != (info.dtype, info.shape):
+            return (Kind.FULL, *Full.encode(ft))  # shapes or dtypes differ: no delta to take
+        if self.method.selection.selects(name, info.dtype, info.shape):
+            lossy = self.method.encode_tensor(name, ft, base, info.dtype)
+            if lossy is not None:
+                return lossy
+        return (Kind.DENSE_DELTA, *DenseDelta.encode(ft, base))
+
+    def removed_tensor(self, name):
+        info = self.base.info(name)
+        ref = _base_ref(info, tensor_sha256(self.base.read(name)))
+        self.record(name, Kind.REMOVED, info, {}, [], ref)
+
+    def attachments(self):
+        out = []
+        for relpath in self.ft.attachments():
+            data = self.ft.read_attachment(relpath)
+            if len(data) <= MAX_ATTACHMENT_BYTES:
+                out.append({"name": relpath, "blob": self.writer.add_blob(data)})
+        return out
+
+
+def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
+           zstd_level: int = 3, overwrite: bool = False, progress: bool = False,
+           creator: str | None = None) -> EncodeReport:
+    """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``."""
+    started = time.perf_counter()
+    profile = methods.get_method(method, ratio=ratio, include=include, exclude=exclude,
+                                 zstd_level=zstd_level)
+    with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
+            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite) as writer:
+        total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
+            enc = _Encoder(base_ckpt, ft_ckpt, writer, profile, bar)
+            for name in ft_ckpt.names():
+                enc.finetune_tensor(name)
+            for name in base_ckpt.names():
+                if name not in ft_ckpt:
+                    enc.removed_tensor(name)
+        config = profile.get_config()
+        if profile.selection.include or profile.selection.exclude:
+            config["selection"] = profile.selection.get_config()
+        refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
+        index = {
+            "format": [VERSION_MAJOR, VERSION_MINOR],
+            "creator": creator or f"dcm {__version__}",
+            "method": {"name": profile.name, "params": config},
+            "base": {"digest": base_digest(refs)},
+            "tensors": enc.records,
+            "attachments": enc.attachments(),
+        }
+        if ft_ckpt.metadata:
+            index["checkpoint_metadata"] = dict(ft_ckpt.metadata)
+        check_index(index)
+        file_bytes = writer.finish(index, pack_index(index))
+        kept = [r for r in enc.records if r["kind"] != Kind.REMOVED]
+        params = sum(math.prod(r["shape"]) for r in kept)
+    return EncodeReport(str(out), file_bytes, len(enc.records), params, total,
+                        time.perf_counter() - started)

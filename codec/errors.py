@@ -1,0 +1,127 @@
+"""The one exception hierarchy of dcm.
+
+Every failure caused by bad input (a damaged or hostile .dcm file, a broken
+checkpoint, a wrong base, bad arguments) raises a subclass of :class:`DcmError`.
+Each error names *what* is wrong and *where* (a file, a tensor, a byte offset),
+so a user can act on the message alone.  The CLI maps the families below to
+documented exit codes (see ``EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+
+class DcmError(Exception):
+    """Base class of every error dcm raises on purpose."""
+
+    exit_code = 1
+
+
+# --- arguments and files given by the user -------------------------------------
+
+
+class UsageError(DcmError):
+    """An argument is invalid (unknown method, bad ratio, bad pattern...)."""
+
+    exit_code = 2
+
+
+class CheckpointError(DcmError):
+    """An input checkpoint (safetensors file or model directory) is unusable."""
+
+    exit_code = 3
+
+
+class OutputExistsError(DcmError):
+    """The output path exists and overwriting was not asked for."""
+
+    exit_code = 2
+
+
+# --- the .dcm file does not follow the spec ------------------------------------
+
+
+class FormatError(DcmError):
+    """The file violates the .dcm specification."""
+
+    exit_code = 3
+
+
+class BadMagicError(FormatError):
+    """The first 8 bytes are not the .dcm magic."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's major version is not one this reader implements."""
+
+
+class UnknownFlagError(FormatError):
+    """A required flag bit unknown to this reader is set."""
+
+
+class TruncatedError(FormatError):
+    """The file is shorter than its header or index says."""
+
+
+class TrailingDataError(FormatError):
+    """The file has bytes after the end its header declares."""
+
+
+class LayoutError(FormatError):
+    """Payload offsets or lengths break the layout rules (alignment, order, overlap, bounds)."""
+
+
+class IndexSchemaError(FormatError):
+    """The msgpack index does not follow the schema (type, missing or unknown key...)."""
+
+
+class DuplicateKeyError(IndexSchemaError):
+    """A msgpack map in the index repeats a key, or two records share a name."""
+
+
+class LimitError(FormatError):
+    """A value exceeds one of the spec's limits (index size, tensor count, dims...)."""
+
+
+class UnknownKindError(FormatError):
+    """A registry number (record kind, encoding, transform, packing, dtype) is unknown."""
+
+
+class PayloadError(FormatError):
+    """A payload does not decode to what its record declares."""
+
+
+# --- integrity ------------------------------------------------------------------
+
+
+class ChecksumError(DcmError):
+    """Stored bytes do not match their checksum."""
+
+    exit_code = 4
+
+
+class HeaderChecksumError(ChecksumError):
+    """The CRC-32 over the fixed header and the index does not match."""
+
+
+class PayloadChecksumError(ChecksumError):
+    """A payload's CRC-32 does not match its record."""
+
+
+# --- the base model -------------------------------------------------------------
+
+
+class WrongBaseError(DcmError):
+    """The base checkpoint is not the one the file was encoded against."""
+
+    exit_code = 5
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "other dcm error",
+    2: "usage error (bad arguments, output exists)",
+    3: "invalid input (malformed .dcm file or checkpoint)",
+    4: "checksum mismatch (corrupted file)",
+    5: "wrong base model",
+    130: "interrupted",
+}

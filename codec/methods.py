@@ -1,0 +1,98 @@
+"""Codec profiles: which record each tensor gets, and the choices recorded in the file.
+
+One small class per method, registered by name (like numcodecs): ``get_config``
+returns every choice the method made, written to the index as
+``method.params`` so a file says exactly how it was made; ``from_config``
+rebuilds the method.  Lossy methods (later issues) apply to the tensors their
+selection picks (by default every 2-D float matrix) and leave the rest to
+``dense-delta``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from fractions import Fraction
+
+from . import dtypes
+from .errors import UsageError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def parse_ratio(text) -> Fraction:
+    """``1/16``, ``0.0625`` or a Fraction -> a ratio in (0, 1]."""
+    try:
+        ratio = Fraction(str(text).strip())
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"ratio {text!r} is not a number like 1/16 or 0.0625") from None
+    if not 0 < ratio <= 1:
+        raise UsageError(f"ratio {text} must be in (0, 1]")
+    return ratio
+
+
+class Selection:
+    """Which tensors a lossy method applies to: 2-D float tensors, narrowed by globs."""
+
+    def __init__(self, include=None, exclude=None):
+        self.include = list(include or [])
+        self.exclude = list(exclude or [])
+
+    def selects(self, name: str, dtype_name: str, shape) -> bool:
+        if len(shape) != 2 or not dtypes.dtype(dtype_name).is_float:
+            return False
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def get_config(self) -> dict:
+        return {"include": self.include, "exclude": self.exclude}
+
+
+class Method:
+    """A codec profile.  ``encode_tensor`` returns None to store a tensor as dense-delta."""
+
+    name: str
+    takes_ratio = False
+
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3):
+        if ratio is not None and not self.takes_ratio:
+            raise UsageError(f"method {self.name!r} takes no ratio")
+        if not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22:
+            raise UsageError(f"zstd level must be an integer in 1..22, got {zstd_level!r}")
+        self.ratio = None if ratio is None else parse_ratio(ratio)
+        self.selection = Selection(include, exclude)
+        self.zstd_level = zstd_level
+
+    def get_config(self) -> dict:
+        config = {"zstd_level": self.zstd_level, "dense_delta_transform": "sub-zigzag"}
+        if self.ratio is not None:
+            config["ratio"] = f"{self.ratio.numerator}/{self.ratio.denominator}"
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Method":
+        return cls(ratio=config.get("ratio"), zstd_level=config.get("zstd_level", 3),
+                   **config.get("selection", {}))
+
+    def encode_tensor(self, name, ft, base, dtype_name):
+        return None
+
+
+@register
+class Lossless(Method):
+    """Exact deltas of every tensor: decode reproduces the fine-tune bit for bit."""
+
+    name = "lossless"
+
+
+def get_method(name: str, **kwargs) -> Method:
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return cls(**kwargs)

@@ -1,0 +1,198 @@
+"""``dcm.open``: a lazy, memory-mapped reader of .dcm files (no torch needed).
+
+Opening checks everything that can be checked without touching payloads:
+header, index CRC, schema, limits, layout, each record's kind and sizes, and
+the base digest.  Payloads are read, CRC-checked and decoded only when a
+tensor is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import blobs, dtypes, records
+from .constants import KIND_NAMES, Kind
+from .container import MappedFile, check_header_crc, check_layout
+from .errors import FormatError, UsageError, WrongBaseError
+from .index import check_index, packed_len, unpack_index
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tensor record of the index, as read."""
+
+    name: str
+    kind: int
+    dtype: str
+    shape: tuple
+    params: dict
+    blobs: tuple
+    base: dict | None
+    index_bytes: int  # bytes its entry takes in the msgpack index
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.kind, f"kind-{self.kind}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(b["length"] for b in self.blobs)
+
+    @property
+    def total_bytes(self) -> int:
+        """Every byte the record puts in the file: payloads plus its index entry."""
+        return self.payload_bytes + self.index_bytes
+
+
+def base_digest(refs) -> bytes:
+    """sha256 over (name, 0x00, tensor sha256) of each base reference, in record order."""
+    h = hashlib.sha256()
+    for name, sha in refs:
+        h.update(name.encode("utf-8") + b"\x00" + sha)
+    return h.digest()
+
+
+def tensor_sha256(array: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).digest()
+
+
+def check_base_tensor(rec: Record, base: np.ndarray, base_dtype: str | None = None) -> None:
+    """Raise WrongBaseError unless ``base`` is the tensor ``rec`` was encoded against."""
+    ref = rec.base
+    if ref is None:
+        return
+    if base_dtype is not None and base_dtype != ref["dtype"]:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} is {base_dtype}, the file expects {ref['dtype']}")
+    if tuple(base.shape) != tuple(ref["shape"]) or base.dtype.itemsize != dtypes.dtype(ref["dtype"]).itemsize:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has shape {list(base.shape)}, "
+                             f"the file expects {list(ref['shape'])}")
+    if tensor_sha256(base) != ref["sha256"]:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} differs from the base the file was encoded against")
+
+
+class DcmFile:
+    """An open .dcm file.  Use ``dcm.open(path)``, preferably as a context manager."""
+
+    def __init__(self, path):
+        self._file = MappedFile(path)
+        self.path = self._file.path
+        self.header = self._file.header
+        index_bytes = self._file.index_bytes()
+        check_header_crc(self._file.raw_header, index_bytes)
+        self.index = check_index(unpack_index(index_bytes))
+        if tuple(self.index["format"]) != (self.header.major, self.header.minor):
+            raise FormatError(f"index format {self.index['format']} differs from the header's "
+                              f"version {self.header.major}.{self.header.minor}")
+        check_layout(self.index, self.header)
+        self._records, self._raw = {}, {}
+        for i, raw in enumerate(self.index["tensors"]):
+            self._raw[raw["name"]] = raw
+            records.validate(raw, f"tensors[{i}] ({raw['name']!r})")
+            self._records[raw["name"]] = Record(
+                raw["name"], raw["kind"], raw["dtype"], tuple(raw["shape"]), raw["params"],
+                tuple(raw["blobs"]), raw.get("base"), packed_len(raw))
+        refs = [(r.name, r.base["sha256"]) for r in self._records.values() if r.base is not None]
+        if base_digest(refs) != self.index["base"]["digest"]:
+            raise FormatError("base.digest does not match the records' base references")
+        self._attachments = {a["name"]: a["blob"] for a in self.index.get("attachments", [])}
+
+    # --- what the file holds ------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Names of the fine-tune's tensors (records of kind ``removed`` excluded)."""
+        return [n for n, r in self._records.items() if r.kind != Kind.REMOVED]
+
+    def records(self) -> list[Record]:
+        """Every record, ``removed`` ones included, in file order."""
+        return list(self._records.values())
+
+    def record(self, name: str) -> Record:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise UsageError(f"{self.path}: no tensor named {name!r}") from None
+
+    def metadata(self) -> dict:
+        """How the file was made: version, creator, method and its parameters, base digest."""
+        return {
+            "format": f"{self.header.major}.{self.header.minor}",
+            "creator": self.index["creator"],
+            "method": self.index["method"]["name"],
+            "params": self.index["method"]["params"],
+            "base_digest": self.index["base"]["digest"].hex(),
+            "checkpoint_metadata": self.index.get("checkpoint_metadata", {}),
+        }
+
+    def attachments(self) -> list[str]:
+        return list(self._attachments)
+
+    def attachment(self, name: str) -> bytes:
+        try:
+            blob = self._attachments[name]
+        except KeyError:
+            raise UsageError(f"{self.path}: no attachment named {name!r}") from None
+        return bytes(blobs.decode(self._file.stored(blob), blob, f"attachment {name!r}"))
+
+    # --- payloads -----------------------------------------------------------------
+
+    def raw_blobs(self, rec: Record) -> list[bytes]:
+        """The record's blobs, CRC-checked and decoded (copies: the map's pages are released)."""
+        out = []
+        for j, blob in enumerate(rec.blobs):
+            raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
+            out.append(bytes(raw))
+            self._file.release(blob)
+        return out
+
+    def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
+        """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""
+        rec = self.record(name)
+        kind = records.KINDS[rec.kind]
+        if kind.needs_base:
+            if base is None:
+                raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor")
+            if check_base:
+                check_base_tensor(rec, base)
+        return kind.decode(self._raw[name], self.raw_blobs(rec), base)
+
+    def delta(self, name: str, base: np.ndarray | None = None) -> np.ndarray:
+        """Δ = W_ft − W_base as float32 values (exact kinds need ``base`` to compute it)."""
+        rec = self.record(name)
+        if rec.kind == Kind.REMOVED or not dtypes.dtype(rec.dtype).is_float:
+            raise UsageError(f"tensor {name!r}: no float delta for a {rec.kind_name} {rec.dtype} record")
+        if base is None:
+            raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor for a delta")
+        ft = self.tensor(name, base)
+        f64 = lambda a, dt: dtypes.to_float32(a, dt).astype(np.float64)  # noqa: E731
+        return (f64(ft, rec.dtype) - f64(base, rec.base["dtype"] if rec.base else rec.dtype)).astype(np.float32)
+
+    def padding_is_zero(self) -> bool:
+        return self._file.padding_is_zero(self.index)
+
+    def stored(self, blob: dict) -> memoryview:
+        return self._file.stored(blob)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<dcm file {self.path!r}: {len(self._records)} records, method {self.index['method']['name']}>"
+
+
+def open(path) -> DcmFile:  # noqa: A001  (like safetensors' safe_open / builtins.open)
+    """Open a .dcm file lazily; raises a DcmError subclass if it breaks the spec."""
+    return DcmFile(path)
