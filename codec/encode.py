@@ -59,6 +59,8 @@ class _Encoder:
             base = self.base.read(name)
             base_ref = _base_ref(base_info, tensor_sha256(base))
             kind, params, raws = self._against_base(name, info, base_info, ft, base)
+            del base
+        del ft  # the raw blobs are fresh arrays: free the inputs before compressing
         self.record(name, kind, info, params, raws, base_ref)
         self.bar.update(info.nbytes)
 

@@ -28,34 +28,59 @@ def element_count(shape, where: str) -> int:
 # --- byte planes and the delta transform -------------------------------------
 
 
-def split_planes(values: np.ndarray) -> list[np.ndarray]:
-    """Byte k of every element, k = 0 the least significant (little-endian)."""
-    width = values.dtype.itemsize
-    as_bytes = np.ascontiguousarray(values).reshape(-1).view(np.uint8).reshape(-1, width)
-    return [np.ascontiguousarray(as_bytes[:, k]) for k in range(width)]
+_CHUNK = 1 << 20  # elements per step: transforms run in chunks to keep memory near one tensor
 
 
-def merge_planes(planes: list[bytes], width: int) -> np.ndarray:
-    """Inverse of split_planes: unsigned integers of ``width`` bytes."""
-    count = len(planes[0]) if planes else 0
-    as_bytes = np.empty((count, width), dtype=np.uint8)
-    for k, plane in enumerate(planes):
-        as_bytes[:, k] = np.frombuffer(plane, dtype=np.uint8)
-    return as_bytes.reshape(-1).view(f"<u{width}")
+def _chunks(count: int):
+    for start in range(0, count, _CHUNK):
+        yield slice(start, min(start + _CHUNK, count))
 
 
 def zigzag_sub(ft_bits: np.ndarray, base_bits: np.ndarray) -> np.ndarray:
     """zigzag((ft - base) mod 2^n) on unsigned n-bit patterns: small differences, small codes."""
     diff = ft_bits - base_bits  # numpy unsigned arithmetic wraps modulo 2^n
     sign = diff >> np.array(diff.dtype.itemsize * 8 - 1, dtype=diff.dtype)
-    return (diff << np.array(1, dtype=diff.dtype)) ^ (np.zeros_like(sign) - sign)
+    diff <<= np.array(1, dtype=diff.dtype)
+    np.subtract(np.array(0, dtype=sign.dtype), sign, out=sign)  # 0 or all ones
+    diff ^= sign
+    return diff
 
 
 def zigzag_add(codes: np.ndarray, base_bits: np.ndarray) -> np.ndarray:
     """Inverse of zigzag_sub: the fine-tune's bit patterns."""
     one = np.array(1, dtype=codes.dtype)
-    diff = (codes >> one) ^ (np.zeros_like(codes) - (codes & one))
-    return base_bits + diff
+    low = codes & one
+    np.subtract(np.array(0, dtype=low.dtype), low, out=low)
+    diff = codes >> one
+    diff ^= low
+    diff += base_bits
+    return diff
+
+
+def to_layout(values, count: int, width: int, layout: int) -> list[np.ndarray]:
+    """Raw blobs of ``count`` unsigned elements; ``values(slice)`` gives each chunk.
+
+    Byte planes: blob k holds byte k of every element, k = 0 the least significant.
+    """
+    if layout == Layout.PLAIN:
+        out = np.empty(count, dtype=f"<u{width}")
+        for part in _chunks(count):
+            out[part] = values(part)
+        return [out]
+    planes = np.empty((width, count), dtype=np.uint8)
+    for part in _chunks(count):
+        planes[:, part] = values(part).view(np.uint8).reshape(-1, width).T
+    return list(planes)
+
+
+def from_layout(raws, count: int, width: int, layout: int) -> np.ndarray:
+    """Inverse of to_layout: a fresh, writable array of unsigned elements."""
+    if layout == Layout.PLAIN:
+        return np.frombuffer(raws[0], dtype=f"<u{width}").copy()
+    as_bytes = np.empty((count, width), dtype=np.uint8)
+    for k, plane in enumerate(raws):
+        as_bytes[:, k] = np.frombuffer(plane, dtype=np.uint8)
+    return as_bytes.reshape(-1).view(f"<u{width}")
 
 
 # --- kinds ----------------------------------------------------------------------
@@ -107,18 +132,15 @@ def _check_dense_blobs(rec, where, layout: int):
         )
 
 
-def _dense_raws(values: np.ndarray, layout: int) -> list[bytes]:
-    if layout == Layout.PLAIN:
-        return [np.ascontiguousarray(values).tobytes()]
-    return [plane.tobytes() for plane in split_planes(values)]
+def _layout_for(width: int) -> int:
+    # Byte planes let zstd see the near-constant high bytes of small deltas apart from noisy low ones.
+    return Layout.BYTE_PLANES if width > 1 else Layout.PLAIN
 
 
 def _dense_values(raws, rec, layout: int) -> np.ndarray:
     """Unsigned bit patterns of the record's elements from its raw blobs."""
     width = dtypes.dtype(rec["dtype"]).itemsize
-    if layout == Layout.PLAIN:
-        return np.frombuffer(raws[0], dtype=f"<u{width}").copy()
-    return merge_planes(raws, width)
+    return from_layout(raws, element_count(rec["shape"], rec["name"]), width, layout)
 
 
 def _storage(bits: np.ndarray, rec) -> np.ndarray:
@@ -133,10 +155,12 @@ class DenseDelta(RecordKind):
     needs_base = True
 
     @staticmethod
-    def encode(ft: np.ndarray, base: np.ndarray) -> tuple[dict, list[bytes]]:
-        codes = zigzag_sub(dtypes.unsigned_view(ft.reshape(-1)), dtypes.unsigned_view(base.reshape(-1)))
-        layout = Layout.BYTE_PLANES if ft.dtype.itemsize > 1 else Layout.PLAIN
-        return {"transform": int(Transform.SUB_ZIGZAG), "layout": int(layout)}, _dense_raws(codes, layout)
+    def encode(ft: np.ndarray, base: np.ndarray) -> tuple[dict, list[np.ndarray]]:
+        ft_bits = dtypes.unsigned_view(ft.reshape(-1))
+        base_bits = dtypes.unsigned_view(base.reshape(-1))
+        width, layout = ft.dtype.itemsize, _layout_for(ft.dtype.itemsize)
+        raws = to_layout(lambda part: zigzag_sub(ft_bits[part], base_bits[part]), ft.size, width, layout)
+        return {"transform": int(Transform.SUB_ZIGZAG), "layout": int(layout)}, raws
 
     def validate(self, rec, where):
         _check_params(rec, where, {"transform": {Transform.SUB_ZIGZAG}, "layout": set(Layout)})
@@ -148,8 +172,11 @@ class DenseDelta(RecordKind):
         _check_dense_blobs(rec, where, rec["params"]["layout"])
 
     def decode(self, rec, raws, base):
-        codes = _dense_values(raws, rec, rec["params"]["layout"])
-        return _storage(zigzag_add(codes, dtypes.unsigned_view(base.reshape(-1))), rec)
+        values = _dense_values(raws, rec, rec["params"]["layout"])
+        base_bits = dtypes.unsigned_view(base.reshape(-1))
+        for part in _chunks(values.size):
+            values[part] = zigzag_add(values[part], base_bits[part])
+        return _storage(values, rec)
 
 
 class Full(RecordKind):
@@ -158,9 +185,10 @@ class Full(RecordKind):
     number = Kind.FULL
 
     @staticmethod
-    def encode(ft: np.ndarray) -> tuple[dict, list[bytes]]:
-        layout = Layout.BYTE_PLANES if ft.dtype.itemsize > 1 else Layout.PLAIN
-        return {"layout": int(layout)}, _dense_raws(dtypes.unsigned_view(ft.reshape(-1)), layout)
+    def encode(ft: np.ndarray) -> tuple[dict, list[np.ndarray]]:
+        bits = dtypes.unsigned_view(ft.reshape(-1))
+        width, layout = ft.dtype.itemsize, _layout_for(ft.dtype.itemsize)
+        return {"layout": int(layout)}, to_layout(lambda part: bits[part], ft.size, width, layout)
 
     def validate(self, rec, where):
         _check_params(rec, where, {"layout": set(Layout)})
