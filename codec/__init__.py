@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 from .decode import decode  # noqa: E402
 from .encode import encode  # noqa: E402
 from .errors import DcmError  # noqa: E402
+from .info import info  # noqa: E402
 from .reader import DcmFile, Record, open  # noqa: E402,A004
+from .verify import verify  # noqa: E402
 
-__all__ = ["open", "encode", "decode", "DcmFile", "Record", "DcmError", "__version__"]
+__all__ = ["open", "encode", "decode", "info", "verify", "DcmFile", "Record", "DcmError", "__version__"]

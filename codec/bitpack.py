@@ -30,6 +30,8 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
     """Pack unsigned codes (any integer array, each < 2**bits) LSB-first."""
     _check_bits(bits)
     codes = np.asarray(codes).reshape(-1)
+    if codes.size and codes.dtype.kind not in "biu":
+        raise UsageError(f"codes must be integers, got an array of {codes.dtype}")
     if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise UsageError(f"codes do not fit in {bits} bits")
     codes = codes.astype(np.uint8)

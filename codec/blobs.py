@@ -16,6 +16,14 @@ from .errors import PayloadChecksumError, PayloadError, UnknownKindError
 
 # zstd's own default limit (2**27 bytes): frames asking for a bigger window are refused.
 MAX_WINDOW_BYTES = 1 << 27
+# A zstd block decodes to at most 128 KiB and takes at least 4 stored bytes (an RLE
+# block: 3-byte header + 1 byte), so no frame expands by more than 32768 : 1.
+_MAX_BLOCK_BYTES = 128 * 1024
+
+
+def max_zstd_output(stored_length: int) -> int:
+    """An upper bound on what a zstd frame of ``stored_length`` bytes can decode to."""
+    return (stored_length // 4 + 1) * _MAX_BLOCK_BYTES
 
 
 def crc32(data) -> int:
@@ -56,6 +64,9 @@ def _decode_zstd(stored, raw_length: int, where: str) -> bytes:
         raise PayloadError(
             f"{where}: zstd frame declares {params.content_size} bytes, record says {raw_length}"
         )
+    if raw_length > max_zstd_output(len(stored)):
+        # Checked before decompressing: zstandard allocates the declared size up front.
+        raise PayloadError(f"{where}: a zstd frame of {len(stored)} bytes cannot hold {raw_length} bytes")
     try:
         out = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES).decompress(
             stored, max_output_size=raw_length, allow_extra_data=False

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from . import dtypes
+from .constants import MAX_ATTACHMENT_BYTES, MAX_ATTACHMENT_NAME_BYTES
 from .errors import CheckpointError, DcmError, FormatError, OutputExistsError, UsageError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-MAX_ATTACHMENT_BYTES = 16 * 2**20
-MAX_RELPATH_BYTES = 255
+MAX_RELPATH_BYTES = MAX_ATTACHMENT_NAME_BYTES
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 # Weight formats we never carry as attachments: the codec stores the weights itself.

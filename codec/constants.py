@@ -31,7 +31,11 @@ MAX_DIMS = 8
 MAX_ELEMENTS = 2**48  # per tensor; overflow guard on the product of dims
 MAX_MSGPACK_DEPTH = 16
 MAX_BLOBS_PER_RECORD = 4096
-MAX_ATTACHMENT_BYTES = 16 * 2**20
+MAX_ATTACHMENT_BYTES = 16 * 2**20  # raw bytes of one attachment
+MAX_ATTACHMENT_NAME_BYTES = 255
+MAX_CREATOR_BYTES = 256
+MAX_METHOD_NAME_BYTES = 64
+MAX_DTYPE_NAME_BYTES = 16
 
 
 class Encoding(enum.IntEnum):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from . import blobs
 from .constants import (
     DEFAULT_ALIGNMENT,
+    Encoding,
     HEADER_CRC_OFFSET,
     HEADER_SIZE,
     KNOWN_REQUIRED_FLAGS,
@@ -36,9 +37,11 @@ from .errors import (
     LayoutError,
     LimitError,
     OutputExistsError,
+    PayloadError,
     TrailingDataError,
     TruncatedError,
     UnknownFlagError,
+    UnknownKindError,
     UnsupportedVersionError,
 )
 
@@ -133,6 +136,11 @@ def check_layout(index: dict, header: Header) -> None:
     file_end = header.data_start + end if any_blob else HEADER_SIZE + header.index_length
     if file_end != header.file_length:
         raise LayoutError(f"payloads end at {file_end}, the file at {header.file_length}")
+    for where, blob in iter_blobs(index):  # what the index alone tells of each blob
+        if blob["encoding"] not in set(Encoding):
+            raise UnknownKindError(f"{where}: unknown blob encoding {blob['encoding']}")
+        if blob["encoding"] == Encoding.RAW and blob["length"] != blob["raw_length"]:
+            raise PayloadError(f"{where}: raw blob of {blob['length']} bytes, record says {blob['raw_length']}")
 
 
 # --- writing ----------------------------------------------------------------------

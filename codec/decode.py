@@ -41,6 +41,13 @@ def check_base_names(dcm: DcmFile, base: Checkpoint) -> None:
             raise WrongBaseError(f"wrong base: the base has tensor {name!r}, unknown to the file")
 
 
+def check_removed(dcm: DcmFile, base: Checkpoint) -> None:
+    """Tensors the fine-tune dropped are part of the base fingerprint too."""
+    for rec in dcm.records():
+        if rec.kind == Kind.REMOVED:
+            check_base_tensor(rec, base.read(rec.name), base.info(rec.name).dtype)
+
+
 def rebuild(dcm: DcmFile, base: Checkpoint, name: str):
     """One fine-tuned tensor, checked against the base it was encoded against."""
     rec = dcm.record(name)
@@ -67,6 +74,7 @@ def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = Fal
             for info in plan:
                 writer.write(info.name, rebuild(dcm, base_ckpt, info.name))
                 bar.update(info.nbytes)
+            check_removed(dcm, base_ckpt)
             for name in dcm.attachments():
                 writer.write_attachment(check_relpath(name), dcm.attachment(name))
             writer.commit()

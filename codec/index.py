@@ -13,8 +13,13 @@ from __future__ import annotations
 import msgpack
 
 from .constants import (
+    MAX_ATTACHMENT_BYTES,
+    MAX_ATTACHMENT_NAME_BYTES,
     MAX_ATTACHMENTS,
     MAX_BLOBS_PER_RECORD,
+    MAX_CREATOR_BYTES,
+    MAX_DTYPE_NAME_BYTES,
+    MAX_METHOD_NAME_BYTES,
     MAX_DIMS,
     MAX_MSGPACK_DEPTH,
     MAX_NAME_BYTES,
@@ -31,6 +36,8 @@ U64_MAX = 2**64 - 1
 def _pairs_to_dict(pairs):
     result = {}
     for key, value in pairs:
+        if not isinstance(key, str):  # strict_map_key still lets bin keys through
+            raise IndexSchemaError(f"index: map key {key!r} is not a string")
         if key in result:
             raise DuplicateKeyError(f"index: duplicate map key {key!r}")
         result[key] = value
@@ -41,8 +48,15 @@ def _reject_ext(code, data):
     raise IndexSchemaError(f"index: msgpack ext type {code} is not allowed")
 
 
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
 def _depth(obj) -> int:
-    """Nesting depth of maps/arrays (a scalar is 0), without recursion."""
+    """Nesting depth of maps/arrays (a scalar is 0), without recursion.
+
+    Also rejects values of any other type: msgpack decodes ext type -1
+    (timestamp) itself, without calling ``ext_hook``.
+    """
     deepest, stack = 0, [(obj, 0)]
     while stack:
         node, level = stack.pop()
@@ -50,8 +64,10 @@ def _depth(obj) -> int:
             children = node.values()
         elif isinstance(node, list):
             children = node
-        else:
+        elif isinstance(node, _SCALARS):
             continue
+        else:
+            raise IndexSchemaError(f"index: msgpack ext type -1 (timestamp) is not allowed, got {node!r}")
         deepest = max(deepest, level + 1)
         stack.extend((child, level + 1) for child in children)
     return deepest
@@ -189,7 +205,7 @@ def check_blob(blob, where):
 
 def check_base_ref(ref, where):
     check_keys(ref, where, BASE_REF_KEYS)
-    text(ref["dtype"], f"{where}.dtype", 16)
+    text(ref["dtype"], f"{where}.dtype", MAX_DTYPE_NAME_BYTES)
     shape(ref["shape"], f"{where}.shape")
     binary(ref["sha256"], f"{where}.sha256", 32)
 
@@ -198,7 +214,7 @@ def check_record(rec, where):
     check_keys(rec, where, RECORD_REQUIRED, RECORD_OPTIONAL)
     text(rec["name"], f"{where}.name")
     uint(rec["kind"], f"{where}.kind", 2**32 - 1)
-    text(rec["dtype"], f"{where}.dtype", 16)
+    text(rec["dtype"], f"{where}.dtype", MAX_DTYPE_NAME_BYTES)
     shape(rec["shape"], f"{where}.shape")
     mapping(rec["params"], f"{where}.params")
     for i, blob in enumerate(array(rec["blobs"], f"{where}.blobs", MAX_BLOBS_PER_RECORD)):
@@ -215,9 +231,9 @@ def check_index(index: dict) -> dict:
         _fail("format", "expected [major, minor]")
     uint(fmt[0], "format[0]", 0xFFFF)
     uint(fmt[1], "format[1]", 0xFFFF)
-    text(index["creator"], "creator", 256)
+    text(index["creator"], "creator", MAX_CREATOR_BYTES)
     check_keys(index["method"], "method", ("name", "params"))
-    text(index["method"]["name"], "method.name", 64)
+    text(index["method"]["name"], "method.name", MAX_METHOD_NAME_BYTES)
     mapping(index["method"]["params"], "method.params")
     check_keys(index["base"], "base", ("digest",))
     binary(index["base"]["digest"], "base.digest", 32)
@@ -230,8 +246,9 @@ def check_index(index: dict) -> dict:
     seen = set()
     for i, att in enumerate(array(index.get("attachments", []), "attachments", MAX_ATTACHMENTS)):
         check_keys(att, f"attachments[{i}]", ("name", "blob"))
-        text(att["name"], f"attachments[{i}].name", 255)
+        text(att["name"], f"attachments[{i}].name", MAX_ATTACHMENT_NAME_BYTES)
         check_blob(att["blob"], f"attachments[{i}].blob")
+        uint(att["blob"]["raw_length"], f"attachments[{i}].blob.raw_length", MAX_ATTACHMENT_BYTES)
         if att["name"] in seen:
             raise DuplicateKeyError(f"index: attachments[{i}]: duplicate name {att['name']!r}")
         seen.add(att["name"])

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import blobs, dtypes, records
 from .constants import KIND_NAMES, Kind
+from .checkpoint import INDEX_FILE, check_relpath
 from .container import MappedFile, check_header_crc, check_layout
 from .errors import FormatError, UsageError, WrongBaseError
 from .index import check_index, packed_len, unpack_index
@@ -52,6 +53,14 @@ class Record:
         return self.payload_bytes + self.index_bytes
 
 
+def check_attachment_name(name: str) -> str:
+    """A safe relative path that cannot overwrite the decoded weights."""
+    check_relpath(name)
+    if name.endswith(".safetensors") or name == INDEX_FILE:
+        raise FormatError(f"attachment name {name!r} would overwrite the decoded weights")
+    return name
+
+
 def base_digest(refs) -> bytes:
     """sha256 over (name, 0x00, tensor sha256) of each base reference, in record order."""
     h = hashlib.sha256()
@@ -83,6 +92,13 @@ class DcmFile:
 
     def __init__(self, path):
         self._file = MappedFile(path)
+        try:
+            self._load()
+        except BaseException:
+            self._file.close()  # do not keep the map (and its file descriptor) of a rejected file
+            raise
+
+    def _load(self):
         self.path = self._file.path
         self.header = self._file.header
         index_bytes = self._file.index_bytes()
@@ -102,7 +118,9 @@ class DcmFile:
         refs = [(r.name, r.base["sha256"]) for r in self._records.values() if r.base is not None]
         if base_digest(refs) != self.index["base"]["digest"]:
             raise FormatError("base.digest does not match the records' base references")
-        self._attachments = {a["name"]: a["blob"] for a in self.index.get("attachments", [])}
+        self._attachments = {}
+        for att in self.index.get("attachments", []):
+            self._attachments[check_attachment_name(att["name"])] = att["blob"]
 
     # --- what the file holds ------------------------------------------------------
 
@@ -170,7 +188,10 @@ class DcmFile:
             raise UsageError(f"tensor {name!r}: no float delta for a {rec.kind_name} {rec.dtype} record")
         if base is None:
             raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor for a delta")
-        ft = self.tensor(name, base)
+        ft = self.tensor(name, base)  # checks the base of a dense-delta record (WrongBaseError)
+        if tuple(base.shape) != rec.shape:  # a full record may replace a base of another shape
+            raise UsageError(f"tensor {name!r}: base shape {list(base.shape)} differs from the "
+                             f"fine-tune's {list(rec.shape)}, no element-wise delta")
         f64 = lambda a, dt: dtypes.to_float32(a, dt).astype(np.float64)  # noqa: E731
         return (f64(ft, rec.dtype) - f64(base, rec.base["dtype"] if rec.base else rec.dtype)).astype(np.float32)
 
