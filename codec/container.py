@@ -43,6 +43,7 @@ from .errors import (
     UnknownFlagError,
     UnknownKindError,
     UnsupportedVersionError,
+    UsageError,
 )
 
 # magic, major, minor, required flags, optional flags, alignment, index length,
@@ -161,6 +162,8 @@ class ContainerWriter:
         self.zstd_level = zstd_level
         self.alignment = alignment
         folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"output directory {folder} does not exist")
         self._payload = tempfile.NamedTemporaryFile(dir=folder, prefix=".dcm-payload-", delete=False)
         self._end = 0
 

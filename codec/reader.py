@@ -8,8 +8,10 @@ tensor is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ from . import blobs, dtypes, records
 from .constants import KIND_NAMES, Kind
 from .checkpoint import INDEX_FILE, check_relpath
 from .container import MappedFile, check_header_crc, check_layout
-from .errors import FormatError, UsageError, WrongBaseError
+from .errors import ChecksumError, FormatError, UsageError, WrongBaseError
 from .index import check_index, packed_len, unpack_index
 
 
@@ -51,6 +53,18 @@ class Record:
     def total_bytes(self) -> int:
         """Every byte the record puts in the file: payloads plus its index entry."""
         return self.payload_bytes + self.index_bytes
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Prefix errors about a file's content with the file's path."""
+    try:
+        yield
+    except (FormatError, ChecksumError) as exc:
+        prefix = f"{os.fspath(path)}: "
+        if exc.args and not str(exc.args[0]).startswith(prefix):
+            exc.args = (prefix + str(exc.args[0]),) + exc.args[1:]
+        raise
 
 
 def check_attachment_name(name: str) -> str:
@@ -91,12 +105,13 @@ class DcmFile:
     """An open .dcm file.  Use ``dcm.open(path)``, preferably as a context manager."""
 
     def __init__(self, path):
-        self._file = MappedFile(path)
-        try:
-            self._load()
-        except BaseException:
-            self._file.close()  # do not keep the map (and its file descriptor) of a rejected file
-            raise
+        with naming(path):
+            self._file = MappedFile(path)
+            try:
+                self._load()
+            except BaseException:
+                self._file.close()  # do not keep the map (and its file descriptor) of a rejected file
+                raise
 
     def _load(self):
         self.path = self._file.path
@@ -157,7 +172,8 @@ class DcmFile:
             blob = self._attachments[name]
         except KeyError:
             raise UsageError(f"{self.path}: no attachment named {name!r}") from None
-        return bytes(blobs.decode(self._file.stored(blob), blob, f"attachment {name!r}"))
+        with naming(self.path):
+            return bytes(blobs.decode(self._file.stored(blob), blob, f"attachment {name!r}"))
 
     # --- payloads -----------------------------------------------------------------
 
@@ -165,7 +181,8 @@ class DcmFile:
         """The record's blobs, CRC-checked and decoded (copies: the map's pages are released)."""
         out = []
         for j, blob in enumerate(rec.blobs):
-            raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
+            with naming(self.path):
+                raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
             out.append(bytes(raw))
             self._file.release(blob)
         return out

@@ -132,9 +132,16 @@ def _check_dense_blobs(rec, where, layout: int):
         )
 
 
-def _layout_for(width: int) -> int:
+# Tensors below this many bytes are stored in one plain blob: splitting them
+# into byte planes saves nothing and costs a blob entry and its padding per byte.
+PLANES_MIN_BYTES = 4096
+
+
+def _layout_for(array: np.ndarray) -> int:
     # Byte planes let zstd see the near-constant high bytes of small deltas apart from noisy low ones.
-    return Layout.BYTE_PLANES if width > 1 else Layout.PLAIN
+    if array.dtype.itemsize > 1 and array.nbytes >= PLANES_MIN_BYTES:
+        return Layout.BYTE_PLANES
+    return Layout.PLAIN
 
 
 def _dense_values(raws, rec, layout: int) -> np.ndarray:
@@ -158,7 +165,7 @@ class DenseDelta(RecordKind):
     def encode(ft: np.ndarray, base: np.ndarray) -> tuple[dict, list[np.ndarray]]:
         ft_bits = dtypes.unsigned_view(ft.reshape(-1))
         base_bits = dtypes.unsigned_view(base.reshape(-1))
-        width, layout = ft.dtype.itemsize, _layout_for(ft.dtype.itemsize)
+        width, layout = ft.dtype.itemsize, _layout_for(ft)
         raws = to_layout(lambda part: zigzag_sub(ft_bits[part], base_bits[part]), ft.size, width, layout)
         return {"transform": int(Transform.SUB_ZIGZAG), "layout": int(layout)}, raws
 
@@ -187,7 +194,7 @@ class Full(RecordKind):
     @staticmethod
     def encode(ft: np.ndarray) -> tuple[dict, list[np.ndarray]]:
         bits = dtypes.unsigned_view(ft.reshape(-1))
-        width, layout = ft.dtype.itemsize, _layout_for(ft.dtype.itemsize)
+        width, layout = ft.dtype.itemsize, _layout_for(ft)
         return {"layout": int(layout)}, to_layout(lambda part: bits[part], ft.size, width, layout)
 
     def validate(self, rec, where):

@@ -1,0 +1,225 @@
+"""The ``dcm`` command: encode, decode, info and verify .dcm files.
+
+Every failure dcm raises on purpose is a :class:`~dcm.errors.DcmError`; the
+command prints its message (no traceback) and exits with the error's code
+(``EXIT_CODES``).  Operating-system errors on the paths given (missing file,
+permission denied) exit 3 the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from . import __version__
+from .errors import EXIT_CODES, DcmError
+
+OS_ERROR_EXIT = 3  # a missing or unreadable path is invalid input
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2_147_483_648, '4096' -> 4096 (decimal units as transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m and m.group(2).lower()
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 4096, 500MB, 2GiB")
+    value = int(float(m.group(1)) * _UNITS[unit]) if "." in m.group(1) else int(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
+    return value
+
+
+def _epilog() -> str:
+    lines = ["exit codes:"] + [f"  {code:<4} {meaning}" for code, meaning in sorted(EXIT_CODES.items())]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # -q after the subcommand too; SUPPRESS keeps a subcommand from resetting a global -q.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print nothing but errors and warnings, no progress bars")
+
+    parser = argparse.ArgumentParser(
+        prog="dcm", description="Compressed deltas of fine-tuned models in .dcm files.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dcm {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False,
+                        help="print nothing but errors and warnings, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, help_text):
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                              epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("encode", "encode a fine-tune against its base into a .dcm file")
+    p.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
+    p.add_argument("finetune", metavar="FT", help="fine-tuned model directory or .safetensors file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.dcm", help="the .dcm file to write")
+    p.add_argument("--method", default="lossless", help="codec method (default: lossless)")
+    p.add_argument("--ratio", default=None, help="target size ratio of lossy methods, e.g. 1/16")
+    p.add_argument("--include", action="extend", nargs="+", default=None, metavar="GLOB",
+                   help="apply the method only to tensors matching these patterns")
+    p.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="GLOB",
+                   help="never apply the method to tensors matching these patterns")
+    p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.dcm if it exists")
+    p.set_defaults(func=cmd_encode)
+
+    p = add("decode", "rebuild the fine-tuned checkpoint from a .dcm file and its base")
+    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("--base", required=True, metavar="BASE", help="base model directory or .safetensors file")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="the model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="largest safetensors shard, e.g. 500MB, 2GiB or bytes (default: 5GiB)")
+    p.set_defaults(func=cmd_decode)
+
+    p = add("info", "show what a .dcm file holds and where its bytes go")
+    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = add("verify", "check a .dcm file completely (checksums, payloads, optionally the base)")
+    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="also check the base and decode every tensor against it")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def _progress(args) -> bool:
+    try:
+        return not args.quiet and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _check_output_dir(path) -> None:
+    """Name the missing folder of an output path (not a temporary file inside it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(2, "output directory does not exist", folder)
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text)
+
+
+def _warn(text: str) -> None:
+    print(f"dcm: warning: {text}", file=sys.stderr)
+
+
+# --- commands --------------------------------------------------------------------
+
+
+def cmd_encode(args) -> int:
+    from .checkpoint import Checkpoint
+    from .encode import encode
+    from .info import one_in, sanitize
+
+    _check_output_dir(args.output)
+    with Checkpoint(args.finetune) as ft:
+        for relpath, reason in ft.skipped_attachments():
+            _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
+    report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
+                    include=args.include, exclude=args.exclude, zstd_level=args.zstd_level,
+                    overwrite=args.overwrite, progress=_progress(args))
+    if report.params:
+        ratio = report.file_bytes / (2 * report.params)
+        sizes = (f"{report.bits_per_param:.3f} bits/param, "
+                 f"{ratio:.4f} ({one_in(ratio)}) of a 16-bit dense delta")
+    else:
+        sizes = "no parameters in the fine-tune"
+    _say(args, f"wrote {sanitize(report.path)}: {report.file_bytes} bytes, {report.records} records, "
+               f"{sizes}, {report.seconds:.2f} s")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from .decode import DEFAULT_MAX_SHARD_BYTES, decode
+    from .info import sanitize
+
+    report = decode(args.input, args.base, args.output, overwrite=args.overwrite, progress=_progress(args),
+                    max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES)
+    _say(args, f"wrote {sanitize(report.path)}: {report.tensors} tensors ({report.bytes_written} bytes), "
+               f"{report.attachments} attachments, {report.seconds:.2f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import format_info, info
+
+    d = info(args.input)
+    if args.json:
+        print(json.dumps(d, indent=2))  # ensure_ascii: file strings cannot reach the terminal raw
+    else:
+        print(format_info(d))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .info import sanitize
+    from .verify import verify
+
+    report = verify(args.input, base=args.base, progress=_progress(args))
+    _say(args, f"OK {sanitize(report.path)}: {report.summary()}")
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------
+
+
+def _clean(message) -> str:
+    """An error message safe for a terminal (names in it may come from a hostile file)."""
+    from .info import sanitize
+
+    return sanitize(message, escape_backslash=False)
+
+
+def _os_message(e: OSError) -> str:
+    what = e.strerror or str(e)
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    return f"{': '.join(map(str, names))}: {what}" if names else what
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return args.func(args)
+    except DcmError as e:
+        print(f"dcm: error: {_clean(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dcm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `dcm info x.dcm | head`: stop quietly; point stdout at devnull so the
+        # interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except OSError as e:
+        print(f"dcm: error: {_clean(_os_message(e))}", file=sys.stderr)
+        return OS_ERROR_EXIT  # invalid input: a path that cannot be used
+
+
+if __name__ == "__main__":
+    sys.exit(main())
