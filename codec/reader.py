@@ -75,6 +75,15 @@ def check_attachment_name(name: str) -> str:
     return name
 
 
+def check_attachment_tree(names) -> None:
+    """No attachment may be a directory of another (``a`` and ``a/b``): both cannot be written."""
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                raise FormatError(f"attachment {name!r} lies inside attachment {'/'.join(parts[:i])!r}")
+
+
 def base_digest(refs) -> bytes:
     """sha256 over (name, 0x00, tensor sha256) of each base reference, in record order."""
     h = hashlib.sha256()
@@ -136,6 +145,7 @@ class DcmFile:
         self._attachments = {}
         for att in self.index.get("attachments", []):
             self._attachments[check_attachment_name(att["name"])] = att["blob"]
+        check_attachment_tree(self._attachments)
 
     # --- what the file holds ------------------------------------------------------
 

@@ -874,3 +874,19 @@ def test_output_exists(small_pair, tmp_path):
 
 def test_kind_numbers_are_fixed():
     assert (Kind.DENSE_DELTA, Kind.FULL, Kind.REMOVED) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("bad_name", ["../evil", "model.safetensors", "model.safetensors.index.json",
+                                      "/abs", "a\\b", "x//y"])
+def test_unsafe_attachment_name_is_refused_at_open(path, bad_name):
+    rewrite(path, lambda ix: ix["attachments"][0].update(name=bad_name))
+    assert type(open_error(path)) is FormatError
+
+
+def test_attachment_inside_another_attachment_is_refused_at_open(path):
+    def nest(index):
+        first, second = index["attachments"][0], index["attachments"][1]
+        second["name"] = first["name"] + "/inner"
+    rewrite(path, nest)
+    err = open_error(path)
+    assert type(err) is FormatError and "inside attachment" in str(err)

