@@ -1,6 +1,7 @@
 """Coverage-guided fuzzing of the .dcm reader (atheris).
 
     pip install atheris
+    python fuzz/make_corpus.py          # the seed corpus
     python fuzz/fuzz_reader.py -atheris_runs=100000 fuzz/corpus
 
 The invariant: ``dcm.open`` plus a full decode of every record and attachment
