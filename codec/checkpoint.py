@@ -11,6 +11,7 @@ peak RSS, and mapped file pages would count in it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -271,15 +272,39 @@ class Checkpoint:
     def read(self, name: str) -> np.ndarray:
         """The tensor's bytes as a fresh array of its storage dtype and shape."""
         t = self.info(name)
-        buf = np.empty(t.nbytes, dtype=np.uint8)
+        buf = self._pread(t, 0, t.nbytes)
+        return buf.view(dtypes.dtype(t.dtype).storage).reshape(t.shape)
+
+    def read_elements(self, name: str, start: int, count: int) -> np.ndarray:
+        """Elements [start, start + count) of the flattened tensor, as a fresh 1-D storage array.
+
+        Lets the codec stream a tensor in chunks instead of holding it whole.
+        """
+        t = self.info(name)
+        numel = math.prod(t.shape)
+        if not (_is_int(start) and _is_int(count) and 0 <= start and 0 <= count and start + count <= numel):
+            raise UsageError(f"tensor {name!r}: {count} elements from {start} lie outside its {numel}")
+        dt = dtypes.dtype(t.dtype)
+        return self._pread(t, start * dt.itemsize, count * dt.itemsize).view(dt.storage)
+
+    def sha256(self, name: str) -> bytes:
+        """sha256 of the tensor's bytes (as ``reader.tensor_sha256`` of ``read(name)``), in chunks."""
+        stream = TensorStream(self, name, sha256=True)
+        for start in range(0, stream.numel, STREAM_CHUNK):
+            stream(slice(start, min(start + STREAM_CHUNK, stream.numel)))
+        return stream.digest()
+
+    def _pread(self, t: TensorInfo, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` bytes of tensor ``t`` from ``offset`` into a fresh uint8 array."""
+        buf = np.empty(nbytes, dtype=np.uint8)
         fd = self._fd(t._path)
         view, pos = memoryview(buf), 0
-        while pos < t.nbytes:
-            got = os.preadv(fd, [view[pos:]], t._offset + pos)
+        while pos < nbytes:
+            got = os.preadv(fd, [view[pos:]], t._offset + offset + pos)
             if got <= 0:
-                raise CheckpointError(f"{t._path}: tensor {name!r}: file truncated while reading")
+                raise CheckpointError(f"{t._path}: tensor {t.name!r}: file truncated while reading")
             pos += got
-        return buf.view(dtypes.dtype(t.dtype).storage).reshape(t.shape)
+        return buf
 
     def _fd(self, path: str) -> int:
         if path not in self._fds:
@@ -382,6 +407,42 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+STREAM_CHUNK = 1 << 18  # elements per read when a tensor is only hashed (as records._CHUNK)
+
+
+class TensorStream:
+    """One tensor of a checkpoint, read part by part in order, optionally hashed on the way.
+
+    The codec passes it where a whole array used to go (``stream(slice)`` gives
+    that part's elements), so encode and decode hold a chunk of the tensor, not
+    all of it; with ``sha256=True`` the same single pass also yields the digest
+    that the .dcm file records for a base tensor.
+    """
+
+    def __init__(self, ckpt: Checkpoint, name: str, *, sha256: bool = False):
+        self.ckpt, self.name = ckpt, name
+        info = ckpt.info(name)
+        self.numel, self.itemsize = math.prod(info.shape), dtypes.dtype(info.dtype).itemsize
+        self._hash = hashlib.sha256() if sha256 else None
+        self._pos = 0  # elements read so far
+
+    def __call__(self, part: slice) -> np.ndarray:
+        # Hashing needs the bytes in order: a skipped or repeated part would give a wrong digest.
+        if part.start != self._pos:
+            raise UsageError(f"tensor {self.name!r}: read at element {part.start}, expected {self._pos}")
+        chunk = self.ckpt.read_elements(self.name, part.start, part.stop - part.start)
+        if self._hash is not None:
+            self._hash.update(chunk.view(np.uint8))
+        self._pos = part.stop
+        return chunk
+
+    def digest(self) -> bytes:
+        """sha256 of the whole tensor's bytes; every element must have been read."""
+        if self._hash is None or self._pos != self.numel:
+            raise UsageError(f"tensor {self.name!r}: no digest: {self._pos} of {self.numel} elements hashed")
+        return self._hash.digest()
 
 
 # --- writing ---------------------------------------------------------------------

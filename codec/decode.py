@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import dtypes
-from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo, check_relpath
+from . import dtypes, records
+from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo, TensorStream, check_relpath
 from .constants import Kind
 from .errors import WrongBaseError
-from .reader import DcmFile, check_base_tensor
+from .reader import DcmFile, check_base_digest, check_base_shape
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers writes by default
 
@@ -45,17 +45,29 @@ def check_removed(dcm: DcmFile, base: Checkpoint) -> None:
     """Tensors the fine-tune dropped are part of the base fingerprint too."""
     for rec in dcm.records():
         if rec.kind == Kind.REMOVED:
-            check_base_tensor(rec, base.read(rec.name), base.info(rec.name).dtype)
+            rebuild(dcm, base, rec.name)
 
 
 def rebuild(dcm: DcmFile, base: Checkpoint, name: str):
-    """One fine-tuned tensor, checked against the base it was encoded against."""
+    """One fine-tuned tensor (None for ``removed``), checked against the base it was encoded against.
+
+    The base tensor is never held whole: a delta streams it in chunks into the
+    decoded array, hashing it on the way, and only then is the digest compared,
+    so a wrong base raises WrongBaseError after the work but before any output
+    is committed.  Memory: the decoded tensor plus one decompressed blob.
+    """
     rec = dcm.record(name)
-    base_array = None
-    if rec.base is not None:
-        base_array = base.read(name)
-        check_base_tensor(rec, base_array, base.info(name).dtype)
-    return dcm.tensor(name, base_array, check_base=False)
+    if rec.base is None:
+        return dcm.tensor_from(name)
+    info = base.info(name)
+    check_base_shape(rec, info.shape, dtypes.dtype(info.dtype).itemsize, info.dtype)
+    if not records.KINDS[rec.kind].needs_base:  # a full or removed record: check the base alone
+        check_base_digest(rec, base.sha256(name))
+        return dcm.tensor_from(name)
+    stream = TensorStream(base, name, sha256=True)
+    array = dcm.tensor_from(name, stream)
+    check_base_digest(rec, stream.digest())
+    return array
 
 
 def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = False,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from . import __version__, methods
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, TensorStream
 from .constants import MAX_ATTACHMENT_BYTES, VERSION_MAJOR, VERSION_MINOR, Kind
 from .container import ContainerWriter
 from .index import check_index, pack_index
@@ -49,33 +49,46 @@ class _Encoder:
 
     def finetune_tensor(self, name):
         info = self.ft.info(name)
-        ft = self.ft.read(name)
-        base_info = self.base.info(name) if name in self.base else None
         base_ref = None
-        if base_info is None:
-            params, raws = Full.encode(ft)
-            kind = Kind.FULL
+        if name not in self.base:
+            kind, params, raws = Kind.FULL, *self._full(name)
         else:
-            base = self.base.read(name)
-            base_ref = _base_ref(base_info, tensor_sha256(base))
-            kind, params, raws = self._against_base(name, info, base_info, ft, base)
-            del base
-        del ft  # the raw blobs are fresh arrays: free the inputs before compressing
+            base_info = self.base.info(name)
+            kind, params, raws, sha = self._against_base(name, info, base_info)
+            base_ref = _base_ref(base_info, sha)
         self.record(name, kind, info, params, raws, base_ref)
         self.bar.update(info.nbytes)
 
-    def _against_base(self, name, info, base_info, ft, base):
+    def _full(self, name):
+        return Full.encode(TensorStream(self.ft, name))
+
+    def _against_base(self, name, info, base_info):
+        """(kind, params, raws, sha256 of the base tensor), holding neither tensor whole.
+
+        Both tensors are streamed in chunks straight into the raw blobs, the base
+        hashed on the way: memory stays near the blobs, one tensor's size.
+        """
         if (base_info.dtype, base_info.shape) != (info.dtype, info.shape):
-            return (Kind.FULL, *Full.encode(ft))  # shapes or dtypes differ: no delta to take
-        if self.method.selection.selects(name, info.dtype, info.shape):
-            lossy = self.method.encode_tensor(name, ft, base, info.dtype)
-            if lossy is not None:
-                return lossy
-        return (Kind.DENSE_DELTA, *DenseDelta.encode(ft, base))
+            # Shapes or dtypes differ: no delta to take.
+            return (Kind.FULL, *self._full(name), self.base.sha256(name))
+        if self.method.wants_tensor(name, info.dtype, info.shape):
+            return self._lossy(name, info)
+        ft, base = TensorStream(self.ft, name), TensorStream(self.base, name, sha256=True)
+        params, raws = DenseDelta.encode(ft, base)
+        return Kind.DENSE_DELTA, params, raws, base.digest()
+
+    def _lossy(self, name, info):
+        """A tensor the method wants: its hook takes both tensors whole (lossless wants none)."""
+        ft, base = self.ft.read(name), self.base.read(name)
+        sha = tensor_sha256(base)
+        lossy = self.method.encode_tensor(name, ft, base, info.dtype)
+        if lossy is not None:
+            return (*lossy, sha)
+        return (Kind.DENSE_DELTA, *DenseDelta.encode(ft, base), sha)
 
     def removed_tensor(self, name):
         info = self.base.info(name)
-        ref = _base_ref(info, tensor_sha256(self.base.read(name)))
+        ref = _base_ref(info, self.base.sha256(name))
         self.record(name, Kind.REMOVED, info, {}, [], ref)
 
     def attachments(self):

@@ -82,6 +82,16 @@ class Method:
     def encode_tensor(self, name, ft, base, dtype_name):
         return None
 
+    def wants_tensor(self, name: str, dtype_name: str, shape) -> bool:
+        """Whether the encoder should hand this tensor to ``encode_tensor``.
+
+        The hook takes whole arrays, so the encoder loads the tensor and its base
+        whole for it; a method that keeps the default hook (lossless) wants none,
+        and every tensor is streamed in chunks instead.
+        """
+        has_hook = type(self).encode_tensor is not Method.encode_tensor
+        return has_hook and self.selection.selects(name, dtype_name, shape)
+
 
 @register
 class Lossless(Method):

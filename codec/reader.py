@@ -98,15 +98,25 @@ def tensor_sha256(array: np.ndarray) -> bytes:
 
 def check_base_tensor(rec: Record, base: np.ndarray, base_dtype: str | None = None) -> None:
     """Raise WrongBaseError unless ``base`` is the tensor ``rec`` was encoded against."""
-    ref = rec.base
-    if ref is None:
+    if rec.base is None:
         return
+    check_base_shape(rec, base.shape, base.dtype.itemsize, base_dtype)
+    check_base_digest(rec, tensor_sha256(base))
+
+
+def check_base_shape(rec: Record, shape, itemsize: int, base_dtype: str | None = None) -> None:
+    """The cheap part of check_base_tensor: dtype (when known), shape and element width."""
+    ref = rec.base
     if base_dtype is not None and base_dtype != ref["dtype"]:
         raise WrongBaseError(f"wrong base: tensor {rec.name!r} is {base_dtype}, the file expects {ref['dtype']}")
-    if tuple(base.shape) != tuple(ref["shape"]) or base.dtype.itemsize != dtypes.dtype(ref["dtype"]).itemsize:
-        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has shape {list(base.shape)}, "
+    if tuple(shape) != tuple(ref["shape"]) or itemsize != dtypes.dtype(ref["dtype"]).itemsize:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has shape {list(shape)}, "
                              f"the file expects {list(ref['shape'])}")
-    if tensor_sha256(base) != ref["sha256"]:
+
+
+def check_base_digest(rec: Record, sha256: bytes) -> None:
+    """The base tensor's sha256 (however it was computed) must be the one the record references."""
+    if sha256 != rec.base["sha256"]:
         raise WrongBaseError(f"wrong base: tensor {rec.name!r} differs from the base the file was encoded against")
 
 
@@ -189,12 +199,19 @@ class DcmFile:
 
     def raw_blobs(self, rec: Record) -> list[bytes]:
         """The record's blobs, CRC-checked and decoded (copies: the map's pages are released)."""
-        out = []
+        return list(self.iter_raw_blobs(rec))
+
+    def iter_raw_blobs(self, rec: Record):
+        """As raw_blobs, one blob at a time: a consumer that drops each holds one, not all."""
         for j, blob in enumerate(rec.blobs):
-            with naming(self.path):
-                raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
-            out.append(bytes(raw))
-            self._file.release(blob)
+            # No local names the blob: a suspended generator would keep it alive.
+            yield self._raw_blob(rec, j, blob)
+
+    def _raw_blob(self, rec: Record, j: int, blob: dict) -> bytes:
+        with naming(self.path):
+            raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
+        out = bytes(raw)  # a raw-encoded blob is a view of the map: copy it before releasing
+        self._file.release(blob)
         return out
 
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
@@ -206,7 +223,21 @@ class DcmFile:
                 raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor")
             if check_base:
                 check_base_tensor(rec, base)
-        return kind.decode(self._raw[name], self.raw_blobs(rec), base)
+        return self.tensor_from(name, base)
+
+    def tensor_from(self, name: str, base=None) -> np.ndarray | None:
+        """As ``tensor`` without the base check; ``base`` may also be a stream.
+
+        A stream (``checkpoint.TensorStream``, see ``records.as_reader``) is read
+        in chunks, once, in order: the base is never held whole, and the stream can
+        hash it on the way for the caller to check afterwards (``decode.rebuild``).
+        The record's blobs are decompressed one at a time as they are merged.
+        """
+        rec = self.record(name)
+        kind = records.KINDS[rec.kind]
+        if kind.needs_base and base is None:
+            raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor")
+        return kind.decode(self._raw[name], self.iter_raw_blobs(rec), base if kind.needs_base else None)
 
     def delta(self, name: str, base: np.ndarray | None = None) -> np.ndarray:
         """Δ = W_ft − W_base as float32 values (exact kinds need ``base`` to compute it)."""

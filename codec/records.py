@@ -28,12 +28,29 @@ def element_count(shape, where: str) -> int:
 # --- byte planes and the delta transform -------------------------------------
 
 
-_CHUNK = 1 << 20  # elements per step: transforms run in chunks to keep memory near one tensor
+# Elements per step: transforms run in chunks to keep memory near one tensor.  A chunk
+# and its temporaries (a few times 512 KiB for bf16) stay in a core's L2 cache: on
+# the CI machine this runs ~2x faster than steps of 1M elements.
+_CHUNK = 1 << 18
 
 
 def _chunks(count: int):
     for start in range(0, count, _CHUNK):
         yield slice(start, min(start + _CHUNK, count))
+
+
+def as_reader(tensor):
+    """(read, count, width) of a tensor given as an array or as a stream.
+
+    Kinds encode from, and decode against, either an in-memory array or a
+    stream such as ``checkpoint.TensorStream`` (``numel``, ``itemsize``, and
+    ``stream(part)`` giving the flattened elements in slice ``part``, asked for
+    once each, in order), so the codec can hold a chunk of a tensor, not all of it.
+    """
+    if isinstance(tensor, np.ndarray):
+        flat = tensor.reshape(-1)
+        return (lambda part: flat[part]), flat.size, flat.dtype.itemsize
+    return tensor, tensor.numel, tensor.itemsize
 
 
 def zigzag_sub(ft_bits: np.ndarray, base_bits: np.ndarray) -> np.ndarray:
@@ -74,12 +91,19 @@ def to_layout(values, count: int, width: int, layout: int) -> list[np.ndarray]:
 
 
 def from_layout(raws, count: int, width: int, layout: int) -> np.ndarray:
-    """Inverse of to_layout: a fresh, writable array of unsigned elements."""
+    """Inverse of to_layout: a fresh, writable array of unsigned elements.
+
+    ``raws`` is any iterable of the blobs; each is dropped once merged, so with a
+    lazy one (``DcmFile.iter_raw_blobs``) one plane at a time lives beside the result.
+    """
+    raws = iter(raws)
     if layout == Layout.PLAIN:
-        return np.frombuffer(raws[0], dtype=f"<u{width}").copy()
+        return np.frombuffer(next(raws), dtype=f"<u{width}").copy()
     as_bytes = np.empty((count, width), dtype=np.uint8)
-    for k, plane in enumerate(raws):
-        as_bytes[:, k] = np.frombuffer(plane, dtype=np.uint8)
+    for k in range(width):
+        # No name binds the plane (a loop variable, enumerate's reused tuple), so it is
+        # freed right after this line, before the next one is decompressed.
+        as_bytes[:, k] = np.frombuffer(next(raws), dtype=np.uint8)
     return as_bytes.reshape(-1).view(f"<u{width}")
 
 
@@ -97,7 +121,9 @@ class RecordKind:
     def validate(self, rec: dict, where: str) -> None:
         raise NotImplementedError
 
-    def decode(self, rec: dict, raws: list[bytes], base: np.ndarray | None) -> np.ndarray:
+    def decode(self, rec: dict, raws, base) -> np.ndarray | None:
+        """The fine-tuned tensor from the record's raw blobs (any iterable, see ``from_layout``)
+        and, where the kind needs it, the base: an array or a stream (see ``as_reader``)."""
         raise NotImplementedError
 
 
@@ -137,9 +163,9 @@ def _check_dense_blobs(rec, where, layout: int):
 PLANES_MIN_BYTES = 4096
 
 
-def _layout_for(array: np.ndarray) -> int:
+def _layout_for(count: int, width: int) -> int:
     # Byte planes let zstd see the near-constant high bytes of small deltas apart from noisy low ones.
-    if array.dtype.itemsize > 1 and array.nbytes >= PLANES_MIN_BYTES:
+    if width > 1 and count * width >= PLANES_MIN_BYTES:
         return Layout.BYTE_PLANES
     return Layout.PLAIN
 
@@ -162,11 +188,15 @@ class DenseDelta(RecordKind):
     needs_base = True
 
     @staticmethod
-    def encode(ft: np.ndarray, base: np.ndarray) -> tuple[dict, list[np.ndarray]]:
-        ft_bits = dtypes.unsigned_view(ft.reshape(-1))
-        base_bits = dtypes.unsigned_view(base.reshape(-1))
-        width, layout = ft.dtype.itemsize, _layout_for(ft)
-        raws = to_layout(lambda part: zigzag_sub(ft_bits[part], base_bits[part]), ft.size, width, layout)
+    def encode(ft, base) -> tuple[dict, list[np.ndarray]]:
+        """(params, raw blobs) of ``ft`` against ``base``: arrays or streams (see ``as_reader``)."""
+        (read_ft, count, width), (read_base, _, _) = as_reader(ft), as_reader(base)
+        layout = _layout_for(count, width)
+
+        def codes(part):
+            ft_bits, base_bits = dtypes.unsigned_view(read_ft(part)), dtypes.unsigned_view(read_base(part))
+            return zigzag_sub(ft_bits, base_bits)
+        raws = to_layout(codes, count, width, layout)
         return {"transform": int(Transform.SUB_ZIGZAG), "layout": int(layout)}, raws
 
     def validate(self, rec, where):
@@ -180,9 +210,9 @@ class DenseDelta(RecordKind):
 
     def decode(self, rec, raws, base):
         values = _dense_values(raws, rec, rec["params"]["layout"])
-        base_bits = dtypes.unsigned_view(base.reshape(-1))
-        for part in _chunks(values.size):
-            values[part] = zigzag_add(values[part], base_bits[part])
+        read_base = as_reader(base)[0]
+        for part in _chunks(values.size):  # in place: no second tensor-sized array
+            values[part] = zigzag_add(values[part], dtypes.unsigned_view(read_base(part)))
         return _storage(values, rec)
 
 
@@ -192,10 +222,12 @@ class Full(RecordKind):
     number = Kind.FULL
 
     @staticmethod
-    def encode(ft: np.ndarray) -> tuple[dict, list[np.ndarray]]:
-        bits = dtypes.unsigned_view(ft.reshape(-1))
-        width, layout = ft.dtype.itemsize, _layout_for(ft)
-        return {"layout": int(layout)}, to_layout(lambda part: bits[part], ft.size, width, layout)
+    def encode(ft) -> tuple[dict, list[np.ndarray]]:
+        """(params, raw blobs) of ``ft``: an array or a stream (see ``as_reader``)."""
+        read_ft, count, width = as_reader(ft)
+        layout = _layout_for(count, width)
+        values = lambda part: dtypes.unsigned_view(read_ft(part))  # noqa: E731
+        return {"layout": int(layout)}, to_layout(values, count, width, layout)
 
     def validate(self, rec, where):
         _check_params(rec, where, {"layout": set(Layout)})

@@ -18,9 +18,11 @@ from dcm.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     TensorInfo,
+    TensorStream,
     check_relpath,
 )
 from dcm.errors import CheckpointError, FormatError, OutputExistsError, UsageError
+from dcm.reader import tensor_sha256
 
 RNG = np.random.default_rng(0)
 
@@ -398,3 +400,43 @@ def test_tensor_in_two_shards(tmp_path):
     raw_file(d / "b.safetensors", {"y": entry(), "x": entry(offsets=(8, 16))}, b"\0" * 16)
     with pytest.raises(CheckpointError, match="'x'"):
         Checkpoint(d)
+
+
+# --- reading in chunks (what encode and decode stream through) --------------------
+
+
+def test_read_elements_slices_the_flattened_tensor(tmp_path):
+    tensors = sample_tensors()
+    write_all(tmp_path / "m", tensors)
+    with Checkpoint(tmp_path / "m") as ck:
+        for name, (_, a) in tensors.items():
+            flat = a.reshape(-1)
+            half = flat.size // 2
+            for start, count in [(0, flat.size), (0, 0), (flat.size, 0), (half, flat.size - half)]:
+                got = ck.read_elements(name, start, count)
+                assert got.shape == (count,) and got.dtype.itemsize == a.dtype.itemsize
+                assert got.tobytes() == flat[start:start + count].tobytes()
+
+
+@pytest.mark.parametrize("start, count", [(-1, 1), (0, 16), (15, 1), (16, 0), (0, -1), (1.0, 1)])
+def test_read_elements_is_bounds_checked(tmp_path, start, count):
+    write_all(tmp_path / "m", {"a": ("F32", np.zeros((3, 5), np.float32))})
+    with Checkpoint(tmp_path / "m") as ck, pytest.raises(UsageError, match="'a'"):
+        ck.read_elements("a", start, count)
+
+
+def test_tensor_stream_hashes_what_it_reads(tmp_path):
+    tensors = sample_tensors()
+    write_all(tmp_path / "m", tensors)
+    with Checkpoint(tmp_path / "m") as ck:
+        for name, (_, a) in tensors.items():
+            assert ck.sha256(name) == tensor_sha256(a)
+        stream = TensorStream(ck, "w.f32", sha256=True)
+        assert stream.numel == 15 and stream.itemsize == 4
+        with pytest.raises(UsageError, match="0 of 15"):
+            stream.digest()  # nothing read yet
+        stream(slice(0, 4))
+        with pytest.raises(UsageError, match="expected 4"):
+            stream(slice(5, 9))  # a gap would hash the wrong bytes
+        stream(slice(4, 15))
+        assert stream.digest() == tensor_sha256(tensors["w.f32"][1])

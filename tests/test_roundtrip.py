@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dcm
-from dcm import container, dtypes, records
+from dcm import checkpoint, container, dtypes, records
 from dcm.checkpoint import INDEX_FILE, SINGLE_FILE
 from dcm.constants import HEADER_SIZE
 from dcm.errors import CheckpointError, OutputExistsError, UsageError, WrongBaseError
@@ -223,6 +223,29 @@ def test_large_tensor_in_chunks(tmp_path, rng, monkeypatch):
     base = {"w": ("F32", random_storage(rng, "F32", (101,))), "b": ("BF16", random_storage(rng, "BF16", (3, 11)))}
     ft = {"w": ("F32", perturb(rng, base["w"][1])), "b": ("BF16", perturb(rng, base["b"][1]))}
     roundtrip(tmp_path, base, ft)
+
+
+def test_streamed_base_is_hashed_whole(tmp_path, rng, monkeypatch):
+    """Encode and decode stream base tensors in chunks, hashing them on the way: a change
+    in the last chunk alone is a wrong base, and the file is the one whole arrays give."""
+    monkeypatch.setattr(records, "_CHUNK", 7, raising=False)
+    monkeypatch.setattr(checkpoint, "STREAM_CHUNK", 5, raising=False)
+    base = {"w": ("BF16", random_storage(rng, "BF16", (9, 11))), "gone": ("F32", random_storage(rng, "F32", (23,))),
+            "reshaped": ("F32", random_storage(rng, "F32", (4, 6)))}
+    ft = {"w": ("BF16", perturb(rng, base["w"][1])), "reshaped": ("F32", random_storage(rng, "F32", (6, 4)))}
+    out, base_dir, _ = roundtrip(tmp_path, base, ft)
+    with dcm.open(out) as f:
+        params, raws = records.DenseDelta.encode(ft["w"][1], base["w"][1])
+        assert [bytes(r) for r in raws] == f.raw_blobs(f.record("w"))
+        assert f.record("w").params == params
+    for name in base:
+        wrong = dict(base)
+        array = base[name][1].copy()
+        array.reshape(-1).view(np.uint8)[-1] ^= 1
+        wrong[name] = (base[name][0], array)
+        with pytest.raises(WrongBaseError, match=repr(name)):
+            dcm.decode(out, write_checkpoint(tmp_path / f"wrong-{name}", wrong), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 # --- checkpoints: shards, attachments, metadata --------------------------------------
