@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from . import __version__, methods
 from .checkpoint import Checkpoint, TensorStream
-from .constants import MAX_ATTACHMENT_BYTES, VERSION_MAJOR, VERSION_MINOR, Kind
+from .constants import VERSION_MAJOR, VERSION_MINOR, Kind
 from .container import ContainerWriter
 from .index import check_index, pack_index
 from .reader import base_digest, tensor_sha256
@@ -93,10 +93,9 @@ class _Encoder:
 
     def attachments(self):
         out = []
+        # Checkpoint lists only files within MAX_ATTACHMENT_BYTES and refuses one that grew since.
         for relpath in self.ft.attachments():
-            data = self.ft.read_attachment(relpath)
-            if len(data) <= MAX_ATTACHMENT_BYTES:
-                out.append({"name": relpath, "blob": self.writer.add_blob(data)})
+            out.append({"name": relpath, "blob": self.writer.add_blob(self.ft.read_attachment(relpath))})
         return out
 
 

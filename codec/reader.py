@@ -217,13 +217,9 @@ class DcmFile:
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
         """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""
         rec = self.record(name)
-        kind = records.KINDS[rec.kind]
-        if kind.needs_base:
-            if base is None:
-                raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor")
-            if check_base:
-                check_base_tensor(rec, base)
-        return self.tensor_from(name, base)
+        if check_base and base is not None and records.KINDS[rec.kind].needs_base:
+            check_base_tensor(rec, base)
+        return self.tensor_from(name, base)  # refuses a missing base
 
     def tensor_from(self, name: str, base=None) -> np.ndarray | None:
         """As ``tensor`` without the base check; ``base`` may also be a stream.
