@@ -9,7 +9,7 @@ import enum
 
 MAGIC = b"\x89DCM\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # the newest minor version this code reads and writes
 
 HEADER_SIZE = 64
 HEADER_CRC_OFFSET = 60  # the CRC-32 field; it covers header bytes [0, 60) then the index
@@ -36,6 +36,8 @@ MAX_ATTACHMENT_NAME_BYTES = 255
 MAX_CREATOR_BYTES = 256
 MAX_METHOD_NAME_BYTES = 64
 MAX_DTYPE_NAME_BYTES = 16
+MAX_BIT_GROUPS = 64  # bit groups of one lowrank-mixed record
+MAX_QUANT_GROUP_SIZE = 65536  # elements sharing one scale and zero point
 
 
 class Encoding(enum.IntEnum):
@@ -51,13 +53,22 @@ class Kind(enum.IntEnum):
     DENSE_DELTA = 1  # exact delta against the base tensor, bit for bit
     FULL = 2  # the fine-tuned tensor stored whole
     REMOVED = 3  # a base tensor the fine-tune does not have
+    LOWRANK_MIXED = 4  # W_base + U·diag(S)·Vᵀ, U and V quantized in bit groups
 
 
 KIND_NAMES = {
     Kind.DENSE_DELTA: "dense-delta",
     Kind.FULL: "full",
     Kind.REMOVED: "removed",
+    Kind.LOWRANK_MIXED: "lowrank-mixed",
 }
+
+# The minor version that defined each kind: a writer writes the lowest minor version
+# covering the kinds its file uses (spec section 4), so lossless files stay 1.0.
+KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1}
+
+# Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors).
+LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED})
 
 
 class Transform(enum.IntEnum):

@@ -186,7 +186,8 @@ class ContainerWriter:
         any_blob = any(True for _ in iter_blobs(index))
         data_start = align_up(HEADER_SIZE + len(index_bytes), self.alignment)
         file_length = data_start + self._end if any_blob else HEADER_SIZE + len(index_bytes)
-        header = Header(VERSION_MAJOR, VERSION_MINOR, 0, 0, self.alignment, len(index_bytes), file_length)
+        major, minor = index["format"]
+        header = Header(major, minor, 0, 0, self.alignment, len(index_bytes), file_length)
         folder = os.path.dirname(os.path.abspath(self.path))
         fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".dcm-out-")
         try:

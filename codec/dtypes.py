@@ -72,3 +72,17 @@ def to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
     if dtype_name in ("F16", "F32", "F64"):
         return array.astype(np.float32)
     raise UnknownKindError(f"cannot take float values of dtype {dtype_name}")
+
+
+def from_float32(values: np.ndarray, dtype_name: str) -> np.ndarray:
+    """float32 values rounded to nearest-even into a storage array of ``dtype_name``."""
+    values = np.asarray(values, dtype=np.float32)
+    if dtype_name == "BF16":
+        bits = values.view(np.uint32)
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+        # A NaN must stay a NaN: rounding could carry its payload into the infinity pattern.
+        return np.where(np.isnan(values), np.uint16(0x7FC0), rounded.astype(np.uint16))
+    if dtype_name in ("F16", "F32", "F64"):
+        with np.errstate(over="ignore"):
+            return values.astype(DTYPES[dtype_name].storage)
+    raise UnknownKindError(f"cannot store float values as dtype {dtype_name}")

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from . import __version__, methods
 from .checkpoint import Checkpoint, TensorStream
-from .constants import VERSION_MAJOR, VERSION_MINOR, Kind
+from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
 from .index import check_index, pack_index
 from .reader import base_digest, tensor_sha256
@@ -99,15 +99,31 @@ class _Encoder:
         return out
 
 
+def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
+    """TensorInfo of the tensors the method will code (same dtype and shape in both, selected)."""
+    out = []
+    for name in ft.names():
+        info = ft.info(name)
+        if name in base and (base.info(name).dtype, base.info(name).shape) == (info.dtype, info.shape) \
+                and profile.wants_tensor(name, info.dtype, info.shape):
+            out.append(info)
+    return out
+
+
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
-           zstd_level: int = 3, overwrite: bool = False, progress: bool = False,
-           creator: str | None = None) -> EncodeReport:
-    """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``."""
+           options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
+           progress: bool = False, creator: str | None = None) -> EncodeReport:
+    """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
+
+    ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
+    """
     started = time.perf_counter()
-    profile = methods.get_method(method, ratio=ratio, include=include, exclude=exclude,
+    profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
             ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite) as writer:
+        profile.plan(_planned(profile, base_ckpt, ft_ckpt),
+                     lambda name: (ft_ckpt.read(name), base_ckpt.read(name)))
         total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
         with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
             enc = _Encoder(base_ckpt, ft_ckpt, writer, profile, bar)
@@ -121,7 +137,7 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
             config["selection"] = profile.selection.get_config()
         refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
         index = {
-            "format": [VERSION_MAJOR, VERSION_MINOR],
+            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in enc.records])],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},

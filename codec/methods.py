@@ -79,6 +79,13 @@ class Method:
         return cls(ratio=config.get("ratio"), zstd_level=config.get("zstd_level", 3),
                    **config.get("selection", {}))
 
+    def plan(self, tensors, load) -> None:
+        """Called once before encoding with the TensorInfo of every tensor the method wants.
+
+        ``load(name)`` gives (fine-tune, base) storage arrays, for methods that
+        share a file-wide budget by looking at the data first.
+        """
+
     def encode_tensor(self, name, ft, base, dtype_name):
         return None
 
@@ -100,9 +107,16 @@ class Lossless(Method):
     name = "lossless"
 
 
-def get_method(name: str, **kwargs) -> Method:
+def get_method(name: str, options: dict | None = None, **kwargs) -> Method:
+    """The method ``name`` built with the common arguments and its own ``options``."""
     try:
         cls = METHODS[name]
     except KeyError:
         raise UsageError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs, **(options or {}))
+    except TypeError as e:  # an option the method does not take
+        raise UsageError(f"method {name!r}: {e}") from None
+
+
+from . import deltacome  # noqa: E402,F401  (registers itself; it builds on Method)

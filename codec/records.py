@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import dtypes
-from .constants import MAX_ELEMENTS, KIND_NAMES, Kind, Layout, Transform
+from . import dtypes, lowrank
+from .constants import MAX_ELEMENTS, KIND_NAMES, Kind, Layout, Packing, Transform
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
 
@@ -256,7 +256,52 @@ class Removed(RecordKind):
         return None
 
 
-KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed())}
+class LowrankMixed(RecordKind):
+    """W_base + Û·diag(S)·V̂ᵀ: singular vectors quantized in bit groups (``lowrank.py``)."""
+
+    number = Kind.LOWRANK_MIXED
+    needs_base = True
+
+    @staticmethod
+    def encode(shape, groups, s, factors) -> tuple[dict, list[bytes]]:
+        params = {"packing": int(Packing.LSB_FIRST), "groups": [g.as_param() for g in groups]}
+        return params, ([lowrank.pack_blob(shape, groups, s, factors)] if groups else [])
+
+    def validate(self, rec, where):
+        if rec["dtype"] not in lowrank.DTYPES or len(rec["shape"]) != 2:
+            raise PayloadError(f"{where}: a lowrank-mixed record is a 2-D matrix of "
+                               f"{'/'.join(lowrank.DTYPES)}, not {rec['dtype']}{list(rec['shape'])}")
+        base = rec.get("base")
+        if base is None:
+            raise IndexSchemaError(f"index: {where}: a lowrank-mixed record needs a base reference")
+        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
+            raise PayloadError(f"{where}: lowrank-mixed base and fine-tune must share dtype and shape")
+        groups = lowrank.parse_groups(rec["params"], rec["shape"], where)
+        expected = [lowrank.blob_size(rec["shape"], groups)] if groups else []
+        got = [b["raw_length"] for b in rec["blobs"]]
+        if got != expected:
+            raise PayloadError(f"{where}: bit groups {rec['params']['groups']} need blobs of raw "
+                               f"lengths {expected}, record has {got}")
+
+    def delta(self, rec, raws) -> np.ndarray:
+        """Δ̂ as float32 (m, n) from the record's raw blobs."""
+        shape = tuple(rec["shape"])
+        groups = lowrank.parse_groups(rec["params"], shape, rec["name"])
+        raws = list(raws)
+        if not groups:
+            return np.zeros(shape, dtype=np.float32)
+        s, factors = lowrank.unpack_blob(raws[0], shape, groups, rec["name"])
+        return lowrank.delta(shape, groups, s, factors)
+
+    def decode(self, rec, raws, base):
+        delta = self.delta(rec, raws)
+        read_base, count, _ = as_reader(base)
+        base_values = dtypes.to_float32(read_base(slice(0, count)), rec["dtype"]).reshape(delta.shape)
+        delta += base_values
+        return dtypes.from_float32(delta, rec["dtype"])
+
+
+KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed(), LowrankMixed())}
 
 
 def kind_of(rec: dict, where: str) -> RecordKind:

@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""Function-space quality of compressed fine-tunes: how much of the fine-tune survives.
+
+Weight errors say little about what a user sees, so this benchmark measures
+the compressed model's *outputs*.  On a fixed set of English sentences it
+embeds with three kinds of model (transformers ``AutoModel``, the fine-tune's
+tokenizer, mean pooling over the attention mask, fp32):
+
+- ``e_base``: the base model;
+- ``e_ft``: the fine-tune;
+- ``e_c``: the fine-tune decoded from a compressed .dcm file.
+
+and reports the share of the base→fine-tune distance that the compressed
+model recovers::
+
+    gain = 1 − mean_i ‖e_c,i − e_ft,i‖ / mean_i ‖e_base,i − e_ft,i‖
+
+1.0 means the outputs of the fine-tune are reproduced exactly; 0.0 means the
+compressed model is no closer to the fine-tune than the base is.
+
+Sentences: the first lines of the docstrings of public functions and classes
+of a fixed list of standard-library modules (parsed with ``ast``, never
+imported; complete sentences of 30..160 characters, sorted, deduplicated,
+evenly sampled).  The GPTQ rows calibrate on a different text, the topic
+pages of ``pydoc_data.topics``, so the evaluation text is never seen during
+encoding.
+
+Rows, for each ``--ratios`` value (file sizes always come from ``dcm.info``):
+
+- ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe, round-to-nearest;
+- ``gptq``:    the same recipe, quantized with GPTQ on the calibration statistics;
+- ``rd``:      rate–distortion bit allocation, with GPTQ (``rd+gptq``);
+- ``lowrank``: plain low-rank baseline computed in memory (no file): for each
+  tensor that the ``rtn`` file coded lossily, the top-k singular triplets
+  of Δ in fp16 (U·diag(S) and V, (m+n)·2 bytes per vector), k as large as
+  that record's bytes allow; the other tensors as in the ``rtn`` file;
+- ``lossless`` (plumbing check): the lossless method; gain 1, error 0.
+
+Columns: file bytes; bits per parameter of the whole file; bits per parameter
+of the coded tensors only (the lossy records; for a file without any, the
+2-D float matrices a lossy method would code); the mean relative Frobenius
+error ‖Δ̂ − Δ‖ / ‖Δ‖ over those tensors (fp64); the gain.
+
+    python benchmarks/quality.py                                   # every row, 1/8 1/16 1/32
+    python benchmarks/quality.py --rows lossless --ratios 1/16     # plumbing only
+    python benchmarks/quality.py --rows rtn lowrank --json out/quality/rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import inspect
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dcm
+import numpy as np
+from dcm.checkpoint import Checkpoint
+from dcm.dtypes import to_float32
+from dcm.errors import DcmError, UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE = ROOT / "data" / "real" / "base"
+DEFAULT_FT = ROOT / "data" / "real" / "finetune"
+EXACT_KINDS = {"dense-delta", "full", "removed"}  # every other record kind is lossy
+BATCH, MAX_LENGTH = 32, 128
+CALIB_TOKENS, CALIB_SEQ_LEN = 65536, 128
+
+# Fixed so the sentence set only changes with the Python version's own sources.
+STDLIB_MODULES = (
+    "argparse", "base64", "calendar", "collections", "configparser", "contextlib", "csv",
+    "dataclasses", "datetime", "difflib", "email.message", "email.utils", "enum", "fractions",
+    "ftplib", "functools", "gzip", "heapq", "http.client", "imaplib", "inspect", "ipaddress",
+    "logging", "mailbox", "ntpath", "optparse", "pathlib", "pickle", "platform", "poplib",
+    "posixpath", "queue", "random", "shutil", "smtplib", "socket", "socketserver", "ssl",
+    "statistics", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "traceback",
+    "turtle", "typing", "unittest.case", "urllib.parse", "urllib.request", "weakref", "zipfile",
+)
+
+
+# --- texts --------------------------------------------------------------------------
+
+
+def _module_source(module: str) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = stdlib / (module.replace(".", "/") + ".py")
+    return path if path.exists() else stdlib / module.replace(".", "/") / "__init__.py"
+
+
+def _is_sentence(line: str) -> bool:
+    # A first line that ends mid-sentence (a wrapped summary) reads badly: keep whole ones.
+    return 30 <= len(line) <= 160 and line[0].isupper() and line.endswith(".") and " " in line
+
+
+def stdlib_sentences(count: int) -> list[str]:
+    """``count`` docstring first lines of STDLIB_MODULES, evenly spread over the sorted set."""
+    found = set()
+    for module in STDLIB_MODULES:
+        tree = ast.parse(_module_source(module).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                    and not node.name.startswith("_") and (doc := ast.get_docstring(node)):
+                line = doc.strip().splitlines()[0].strip()
+                if _is_sentence(line):
+                    found.add(line)
+    pool = sorted(found)
+    if len(pool) < count:
+        raise SystemExit(f"only {len(pool)} stdlib sentences found, {count} asked for")
+    return [pool[i * len(pool) // count] for i in range(count)]
+
+
+def write_calibration_text(path: Path) -> Path:
+    """The pydoc topic pages, one after the other (a text the evaluation never uses)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- embeddings ---------------------------------------------------------------------
+
+
+def tokenize(tokenizer, sentences: list[str]) -> list[dict]:
+    return [tokenizer(sentences[i:i + BATCH], padding=True, truncation=True, max_length=MAX_LENGTH,
+                      return_tensors="pt") for i in range(0, len(sentences), BATCH)]
+
+
+def load_model(model_dir):
+    import torch
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def embed(model, batches: list[dict]) -> np.ndarray:
+    """Mean of the last hidden states over the real tokens (sentence-transformers style), fp64."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).double().numpy())
+    return np.concatenate(out)
+
+
+def mean_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b, axis=1).mean())
+
+
+# --- the shared state of one run ------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    ratio: str
+    file_bytes: int
+    bits_per_param: float
+    bits_per_param_coded: float | None
+    coded_tensors: int
+    rel_error: float | None
+    gain: float
+    seconds: float
+    call: str
+    note: str = ""
+
+
+@dataclass
+class Run:
+    base: Path
+    ft: Path
+    out: Path
+    batches: list
+    e_ft: np.ndarray
+    baseline: float  # mean ‖e_base − e_ft‖
+    calib_tokens: int
+    keep: bool
+    lowrank_reference: str
+    files: dict = field(default_factory=dict)  # (label, ratio) -> encoded path
+    stats: Path | None = None
+
+    def gain(self, e_c: np.ndarray) -> float:
+        return 1 - mean_distance(e_c, self.e_ft) / self.baseline
+
+
+def calibration_stats(run: Run) -> Path:
+    """The fine-tune's calibration statistics, computed once and reused while the text is unchanged.
+
+    The fine-tune's layer inputs are the ones whose outputs the compressed
+    model must keep.
+    """
+    from dcm.calibrate import calibrate, load_stats
+
+    if run.stats is not None:
+        return run.stats
+    text = write_calibration_text(run.out / "calibration.txt")
+    path = run.out / "calibration.safetensors"
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
+    try:
+        meta = load_stats(path).metadata
+        fresh = meta.get("text_sha256") == digest and meta.get("tokens") == str(run.calib_tokens) \
+            and meta.get("model") == run.ft.resolve().name
+    except DcmError:
+        fresh = False
+    if not fresh:
+        started = time.perf_counter()
+        report = calibrate(run.ft, text, path, max_tokens=run.calib_tokens, seq_len=CALIB_SEQ_LEN,
+                           overwrite=True, progress=sys.stderr.isatty())
+        print(f"  calibrated {run.ft} on {report.tokens} tokens of {text.name}: "
+              f"{report.layers} tensors in {time.perf_counter() - started:.1f} s")
+    run.stats = path
+    return path
+
+
+# --- measuring a file ------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text)
+
+
+def encode(run: Run, label: str, method: str, ratio: str | None, options: dict) -> tuple[Path, str]:
+    """The encoded file of a row (cached within the run) and the call that made it."""
+    path = run.out / f"{_slug(label)}-{_slug(ratio or 'none')}.dcm"
+    kwargs = {"method": method, "overwrite": True}
+    if ratio is not None:
+        kwargs["ratio"] = ratio
+    if options:
+        if "options" not in inspect.signature(dcm.encode).parameters:
+            raise UsageError(f"method {method!r}: this dcm.encode takes no options yet")
+        kwargs["options"] = options
+    call = f"dcm.encode(base, ft, {path.name!r}, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    if (label, ratio) not in run.files:
+        dcm.encode(run.base, run.ft, path, **kwargs)
+        run.files[(label, ratio)] = path
+    return run.files[(label, ratio)], call
+
+
+def coded_records(info: dict) -> list[dict]:
+    """The records a lossy method coded; for a file with none, the 2-D float matrices."""
+    lossy = [r for r in info["records"] if r["kind"] not in EXACT_KINDS]
+    if lossy:
+        return lossy
+    return [r for r in info["records"] if r["kind"] != "removed" and len(r["shape"]) == 2
+            and r["dtype"] in ("F32", "F16", "BF16")]
+
+
+def _floats(ckpt: Checkpoint, name: str) -> np.ndarray:
+    return to_float32(ckpt.read(name), ckpt.info(name).dtype).astype(np.float64)
+
+
+def relative_errors(run: Run, decoded: Path, names: list[str]) -> float | None:
+    """Mean over ``names`` of ‖W_decoded − W_ft‖ / ‖W_ft − W_base‖ (= ‖Δ̂ − Δ‖ / ‖Δ‖), fp64."""
+    errors = []
+    with Checkpoint(run.base) as base, Checkpoint(run.ft) as ft, Checkpoint(decoded) as dec:
+        for name in names:
+            w_ft = _floats(ft, name)
+            delta = np.linalg.norm(w_ft - _floats(base, name))
+            if delta > 0:
+                errors.append(np.linalg.norm(_floats(dec, name) - w_ft) / delta)
+    return float(np.mean(errors)) if errors else None
+
+
+def _bits_coded(records: list[dict]) -> float | None:
+    params = sum(r["params"] for r in records)
+    return 8 * sum(r["total_bytes"] for r in records) / params if params else None
+
+
+def file_row(run: Run, label: str, method: str, ratio: str | None, options: dict) -> Row:
+    """Encode, decode, measure sizes with dcm.info, the weight error and the gain."""
+    started = time.perf_counter()
+    path, call = encode(run, label, method, ratio, options)
+    info = dcm.info(path)
+    coded = coded_records(info)
+    with tempfile.TemporaryDirectory(dir=run.out, prefix="decoded-") as tmp:
+        decoded = Path(tmp) / "model"
+        dcm.decode(path, run.base, decoded, overwrite=True)
+        rel = relative_errors(run, decoded, [r["name"] for r in coded])
+        gain = run.gain(embed(load_model(decoded), run.batches))
+        if run.keep:
+            shutil.copytree(decoded, run.out / f"{path.stem}.decoded", dirs_exist_ok=True)
+    totals = info["totals"]
+    return Row(label, ratio or "-", totals["file_bytes"], totals["bits_per_param"], _bits_coded(coded),
+               len(coded), rel, gain, time.perf_counter() - started, call)
+
+
+# --- the plain low-rank baseline (in memory) ---------------------------------------------
+
+
+def lowrank_delta(delta, budget_bytes: int):
+    """Top-k approximation of ``delta`` (float32 torch) stored as fp16 U·diag(S) and V; (Δ̂, k)."""
+    import torch
+
+    m, n = delta.shape
+    k = min(max(0, budget_bytes // ((m + n) * 2)), m, n)
+    if k == 0:
+        return torch.zeros_like(delta), 0
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    us = (u[:, :k] * s[:k]).half().float()
+    return us @ vh[:k].half().float(), k
+
+
+def _state_key(state: dict, name: str, prefix: str) -> str:
+    for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if key in state:
+            return key
+    raise SystemExit(f"tensor {name!r} has no parameter in the model")
+
+
+def lowrank_row(run: Run, ratio: str) -> Row:
+    """Plain low-rank at the byte budget of each lossy record of the reference file."""
+    import torch
+
+    started = time.perf_counter()
+    label, method, options = REFERENCES[run.lowrank_reference]
+    path, _ = encode(run, label, method, ratio if method != "lossless" else None, options)
+    info = dcm.info(path)
+    coded = coded_records(info)
+    saved, errors, stored = 0, [], []
+    with tempfile.TemporaryDirectory(dir=run.out, prefix="decoded-") as tmp:
+        decoded = Path(tmp) / "model"
+        dcm.decode(path, run.base, decoded, overwrite=True)
+        # Tensors the reference stored exactly stay as decoded; cloned off the (mapped) file.
+        model = load_model(decoded)
+        state = {key: value.clone() for key, value in model.state_dict().items()}
+    with Checkpoint(run.base) as base, Checkpoint(run.ft) as ft, torch.no_grad():
+        for rec in coded:
+            w_base = torch.from_numpy(_floats(base, rec["name"])).float()
+            w_ft = _floats(ft, rec["name"])
+            budget = rec["total_bytes"] - rec["index_bytes"]
+            delta_hat, k = lowrank_delta(torch.from_numpy(w_ft).float() - w_base, budget)
+            w_hat = w_base + delta_hat
+            state[_state_key(state, rec["name"], model.base_model_prefix)].copy_(w_hat)
+            used = k * sum(rec["shape"]) * 2
+            saved += budget - used
+            stored.append(rec["index_bytes"] + used)
+            norm = np.linalg.norm(w_ft - w_base.double().numpy())
+            if norm > 0:
+                errors.append(np.linalg.norm(w_hat.double().numpy() - w_ft) / norm)
+    model.load_state_dict(state)
+    gain = run.gain(embed(model, run.batches))
+    params = sum(r["params"] for r in coded)
+    file_bytes = info["totals"]["file_bytes"] - saved  # the reference file with these payloads instead
+    call = f"in memory: top-k SVD of Δ at the record bytes of {path.name}"
+    return Row("lowrank top-k fp16", ratio, file_bytes, 8 * file_bytes / info["totals"]["params"],
+               8 * sum(stored) / params if params else None, len(coded),
+               float(np.mean(errors)) if errors else None, gain, time.perf_counter() - started, call,
+               note="no file; bytes = reference file with low-rank payloads")
+
+
+# --- the rows ------------------------------------------------------------------------------
+
+# Reference files for the low-rank baseline: (label, method, options).  ``lossless`` only
+# exercises the plumbing until delta-come exists.
+REFERENCES = {
+    "rtn": ("delta-come rtn", "delta-come", {"alloc": "recipe"}),
+    "lossless": ("lossless", "lossless", {}),
+}
+
+
+def row_rtn(run: Run, ratio: str) -> Row:
+    return file_row(run, *REFERENCES["rtn"][:2], ratio, REFERENCES["rtn"][2])
+
+
+def row_gptq(run: Run, ratio: str) -> Row:
+    options = {"alloc": "recipe", "calibration": str(calibration_stats(run))}
+    return file_row(run, "delta-come gptq", "delta-come", ratio, options)
+
+
+def row_rd(run: Run, ratio: str) -> Row:
+    options = {"alloc": "rd", "calibration": str(calibration_stats(run))}
+    return file_row(run, "delta-come rd+gptq", "delta-come", ratio, options)
+
+
+def row_lossless(run: Run, ratio: str) -> Row:
+    return file_row(run, "lossless", "lossless", None, {})
+
+
+ROWS = {"rtn": row_rtn, "gptq": row_gptq, "rd": row_rd, "lowrank": lowrank_row, "lossless": row_lossless}
+RATIO_FREE = {"lossless"}  # run once, whatever --ratios says
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    headers = ["row", "ratio", "file bytes", "bits/param", "bits/param coded", "tensors",
+               "rel err", "gain", "seconds"]
+    cells = [[r.label, r.ratio, str(r.file_bytes), _fmt(r.bits_per_param, ".4f"),
+              _fmt(r.bits_per_param_coded, ".4f"), str(r.coded_tensors), _fmt(r.rel_error, ".4f"),
+              _fmt(r.gain, ".4f"), f"{r.seconds:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "dcm": dcm.__version__}
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def ensure_pair(base: Path, ft: Path) -> None:
+    """Fetch the default real pair when it is missing; any other missing model is an error."""
+    if base.is_dir() and ft.is_dir():
+        return
+    if (base, ft) == (DEFAULT_BASE, DEFAULT_FT):
+        print("real pair missing: running scripts/fetch_real_pair.py", flush=True)
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_real_pair.py")],
+                              check=False)
+        if done.returncode == 0 and base.is_dir() and ft.is_dir():
+            return
+    raise SystemExit(f"model pair not found: {base} and {ft} must be model directories "
+                     "(for the default pair run: python scripts/fetch_real_pair.py)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", nargs="+", default=["1/8", "1/16", "1/32"])
+    p.add_argument("--rows", nargs="+", default=["rtn", "gptq", "rd", "lowrank"], choices=sorted(ROWS))
+    p.add_argument("--sentences", type=int, default=256)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    p.add_argument("--finetune", type=Path, default=DEFAULT_FT)
+    p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
+    p.add_argument("--keep", action="store_true", help="keep the decoded checkpoints under --out")
+    p.add_argument("--lowrank-reference", choices=sorted(REFERENCES), default="rtn",
+                   help="file whose record bytes the lowrank row matches (lossless: plumbing check)")
+    args = p.parse_args(argv)
+    if args.sentences < 1:
+        p.error("--sentences must be positive")
+    return args
+
+
+def prepare(args) -> Run:
+    from transformers import AutoTokenizer
+
+    ensure_pair(args.base, args.finetune)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.finetune)
+    batches = tokenize(tokenizer, stdlib_sentences(args.sentences))
+    e_base, e_ft = embed(load_model(args.base), batches), embed(load_model(args.finetune), batches)
+    return Run(args.base, args.finetune, args.out, batches, e_ft, mean_distance(e_base, e_ft),
+               args.calib_tokens, args.keep, args.lowrank_reference)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print("$ " + shlex.join(["python", *sys.argv]) if argv is None else f"$ quality.main({argv!r})")
+    started = time.perf_counter()
+    run = prepare(args)
+    print(f"{args.sentences} sentences; baseline mean ‖e_base − e_ft‖ = {run.baseline:.6f}")
+    rows, failures = [], []
+    for name in args.rows:
+        for ratio in ([None] if name in RATIO_FREE else args.ratios):
+            try:
+                row = ROWS[name](run, ratio)
+            except DcmError as e:
+                failures.append(f"[{name} {ratio or '-'}] {type(e).__name__}: {e}")
+                print(f"{failures[-1]} (row skipped)", flush=True)
+                continue
+            rows.append(row)
+            print(f"[{row.label} {row.ratio}] {row.call}: gain {row.gain:.4f}, {row.seconds:.1f} s",
+                  flush=True)
+    print()
+    print(format_table(rows))
+    print(f"\nbaseline distance mean‖e_base − e_ft‖ = {run.baseline:.6f}; "
+          f"total {time.perf_counter() - started:.1f} s")
+    if args.json:
+        report = {"command": shlex.join(["python", *sys.argv]), **_environment(),
+                  "base": str(args.base), "finetune": str(args.finetune), "sentences": args.sentences,
+                  "baseline_distance": run.baseline, "rows": [asdict(r) for r in rows],
+                  "failures": failures}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Rate–distortion allocation of bit widths to singular vectors across a whole file.
+
+Each vector i of each matrix can be dropped (width 0) or kept at one of a few
+widths b.  Its estimated error contribution is
+
+    D_i(0) = s_i²·(u_iᵀ·A·u_i)·(v_iᵀ·B·v_i)
+    D_i(b) = s_i²·(δv_iᵀ·B·δv_i·u_iᵀ·A·u_i + δu_iᵀ·A·δu_i·v_iᵀ·B·v_i)
+
+where δu, δv are the round-to-nearest errors of the unit vectors at b bits
+(measured, not modelled) and A, B weigh output and input directions: the
+identity without calibration (Frobenius error), B = E[xᵀx] with it (the error
+of the layer's output).  Bytes per vector are the codes, scales and zero points
+it adds (4 more for its singular value).  The widths minimise Σ D under the
+file's byte budget by Lagrangian relaxation: every vector takes the option
+minimising D + λ·bytes, and λ is bisected until the exact record costs
+(index entries and padding included) fit the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import quant
+
+
+def weigh(x: np.ndarray, side) -> np.ndarray:
+    """xᵢᵀ·M·xᵢ per row i, for M the identity (None), a diagonal (1-D) or a matrix (2-D)."""
+    if side is None:
+        return np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    if side.ndim == 1:
+        return np.einsum("ij,ij,j->i", x, x, side, dtype=np.float64)
+    return np.einsum("ij,jk,ik->i", x, side, x, dtype=np.float64)
+
+
+def vector_bytes(shape, bits: int, group_size: int) -> float:
+    """Bytes one vector adds to a bit group of ``bits``: U and V codes, scales, zeros, and S."""
+    m, n = shape
+    groups = quant.group_count(m, group_size) + quant.group_count(n, group_size)
+    return bits * (m + n) / 8 + quant.SCALE_DTYPE.itemsize * groups + bits * groups / 8 + 4
+
+
+@dataclass
+class Candidates:
+    """The options of every vector of one matrix: bytes (options,) and distortion (vectors, options)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    widths: np.ndarray  # (options,) with 0 first
+    cost: np.ndarray  # (options,)
+    dist: np.ndarray  # (vectors, options)
+
+    @classmethod
+    def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None):
+        from .deltacome import rank_cap
+
+        k = rank_cap(svd.s, shape)
+        u, v = svd.u[:k], svd.v[:k]
+        s2 = svd.s[:k].astype(np.float64) ** 2
+        wu, wv = weigh(u, u_side), weigh(v, v_side)
+        dist = [s2 * wu * wv]
+        for b in widths:
+            du = u - quant.dequantize(*quant.rtn(u, b, group_size), group_size)
+            dv = v - quant.dequantize(*quant.rtn(v, b, group_size), group_size)
+            dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
+        cost = [0.0] + [vector_bytes(shape, b, group_size) for b in widths]
+        return cls(name, dtype, tuple(shape), np.array([0, *widths]), np.array(cost),
+                   np.stack(dist, axis=1) if k else np.zeros((0, len(widths) + 1)))
+
+    def choose(self, lam: float) -> np.ndarray:
+        """Each vector's width minimising D + λ·bytes."""
+        if not len(self.dist):
+            return np.zeros(0, dtype=np.int64)
+        return self.widths[np.argmin(self.dist + lam * self.cost, axis=1)]
+
+
+def _exact_cost(c: Candidates, widths, record_cost, group_size) -> int:
+    from .deltacome import groups_from_widths
+
+    kept = np.sort(widths[widths > 0])[::-1]
+    return record_cost(c.name, c.dtype, c.shape, groups_from_widths(kept, group_size))
+
+
+def allocate(candidates: list[Candidates], total: int, record_cost, group_size: int = 128,
+             steps: int = 60) -> list[np.ndarray]:
+    """Widths per matrix (in SVD order) whose records together take at most ``total`` bytes."""
+
+    def spend(lam):
+        chosen = [c.choose(lam) for c in candidates]
+        return chosen, sum(_exact_cost(c, w, record_cost, group_size) for c, w in zip(candidates, chosen))
+
+    # λ is an error-per-byte price: bracket it between free bytes and bytes too dear to buy any vector.
+    top = max((float(c.dist[:, 0].max() / c.cost[1:].min()) for c in candidates if len(c.dist)), default=1.0)
+    lo, hi = 0.0, 2 * top + 1e-30
+    best, best_cost = spend(hi)
+    if best_cost > total:
+        raise ValueError("the budget cannot hold the matrices' empty records")
+    chosen, cost = spend(lo)
+    if cost <= total:
+        return chosen
+    lo = hi * 1e-18
+    for _ in range(steps):  # the spend falls as λ rises: keep the cheapest λ that fits
+        mid = (lo * hi) ** 0.5  # geometric: λ spans many orders of magnitude
+        chosen, cost = spend(mid)
+        if cost <= total:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    return best

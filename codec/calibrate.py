@@ -1,0 +1,416 @@
+"""Calibration statistics for GPTQ-style quantization of deltas.
+
+``calibrate`` runs a Hugging Face model over a text file and records, per
+weight tensor of the checkpoint:
+
+- for every ``nn.Linear``: the mean Hessian ``H/N = Σ xᵀx / N`` of its inputs
+  ``x`` (float32, ``in × in``), accumulated in float64 over the ``N`` token
+  rows that are not padding;
+- for every ``nn.Embedding``: how often each row was looked up (a float32
+  vector of frequencies summing to 1), over the same tokens.
+
+Everything goes into one safetensors file, named by the checkpoint's tensor
+names, with ``format=dcm-calibration`` metadata.  ``load_stats`` reads such a
+file back with numpy alone (no torch), validating it as untrusted input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, OutputExistsError, UsageError
+
+FORMAT = "dcm-calibration"
+VERSION = "1"
+# Relative asymmetry a stored Hessian may have: it is written symmetric, then rounded to fp32.
+_SYMMETRY_RTOL = 1e-5
+
+
+@dataclass
+class CalibrationReport:
+    path: str
+    tokens: int  # non-padding tokens that went through the model
+    sequences: int
+    layers: int  # tensors written: linears and embeddings
+    seconds: float
+
+
+# --- the text -----------------------------------------------------------------------
+
+
+def read_paragraphs(text_file) -> list[str]:
+    """Non-empty paragraphs (blank-line separated, whitespace collapsed), in file order."""
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{text_file}: cannot read calibration text as UTF-8: {e}") from None
+    blocks = re.split(r"\n\s*\n", text)
+    return [p for p in (" ".join(b.split()) for b in blocks) if p]
+
+
+def token_sequences(tokenizer, paragraphs, seq_len: int, max_tokens: int) -> list[list[int]]:
+    """Token ids of each paragraph (truncated to ``seq_len``) until ``max_tokens`` are taken.
+
+    The last sequence is cut to the remaining budget, so the count is exact and
+    does not depend on the batch size.
+    """
+    sequences, total = [], 0
+    for paragraph in paragraphs:
+        ids = tokenizer(paragraph, truncation=True, max_length=seq_len)["input_ids"]
+        ids = ids[: max_tokens - total]
+        if ids:
+            sequences.append(list(ids))
+            total += len(ids)
+        if total >= max_tokens:
+            break
+    return sequences
+
+
+def _batches(sequences, batch_size: int, pad_id: int):
+    """(input_ids, attention_mask) tensors, right-padded, of sequences of similar lengths.
+
+    Sorting by length only saves the compute spent on padding: padded rows are
+    masked out of the statistics anyway.  Right padding keeps the positions of
+    real tokens independent of the batch (left padding would shift them for
+    models that number positions from 0).
+    """
+    import torch
+
+    sequences = sorted(sequences, key=len)  # stable: deterministic order
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        yield ids, mask
+
+
+# --- the statistics -------------------------------------------------------------------
+
+
+class _Collector:
+    """Forward pre-hooks that accumulate the statistics of one model."""
+
+    def __init__(self, model, names: dict[str, str]):
+        import torch
+
+        self.mask = None  # bool mask of the real tokens of the current batch, (B, T)
+        self._memo = {}  # id(input) -> (input, xᵀx, rows) within the current batch
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.handles = []
+        for module_name, module in model.named_modules():
+            tensor_name = names.get(module_name)
+            if tensor_name is None:
+                continue
+            if isinstance(module, torch.nn.Linear):
+                hook = self._linear_hook(tensor_name)
+            elif isinstance(module, torch.nn.Embedding):
+                hook = self._embedding_hook(tensor_name, module.num_embeddings)
+            else:
+                continue
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _real_rows(self, x, feature_dims: int):
+        """The rows of ``x`` that belong to real tokens.
+
+        Inputs laid out like the tokens (B, T, ...) are masked; inputs broadcast
+        over the batch (position ids of shape (1, T)) are expanded first; any
+        other layout (the pooler's one CLS row per sequence) has no padding rows.
+        """
+        import torch
+
+        lead = x.shape[: x.dim() - feature_dims]
+        if len(lead) == self.mask.dim():
+            try:
+                full = torch.broadcast_to(x, tuple(self.mask.shape) + tuple(x.shape[len(lead):]))
+                return full[self.mask]
+            except RuntimeError:
+                pass
+        return x.reshape((-1,) + tuple(x.shape[len(lead):]))
+
+    def start_batch(self, mask) -> None:
+        self.mask = mask.bool()
+        self._memo = {}
+
+    def _xtx(self, x):
+        """(xᵀx in float64 over the real rows, row count), once per input tensor and batch.
+
+        Linears fed the same tensor (query, key and value) share the product.
+        The memo holds the tensor itself, so its id cannot be reused by another.
+        """
+        import torch
+
+        hit = self._memo.get(id(x))
+        if hit is None or hit[0] is not x:
+            rows = self._real_rows(x.detach(), 1).to(torch.float64)
+            hit = self._memo[id(x)] = (x, rows.T @ rows, rows.shape[0])
+        return hit[1], hit[2]
+
+    def _linear_hook(self, name: str):
+        import torch
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            xtx, count = self._xtx(x)
+            if name not in self.hessians:
+                self.hessians[name] = torch.zeros_like(xtx)
+                self.rows[name] = 0
+            self.hessians[name] += xtx
+            self.rows[name] += count
+
+        return hook
+
+    def _embedding_hook(self, name: str, num_embeddings: int):
+        import torch
+
+        def hook(module, args, kwargs):
+            ids = args[0] if args else kwargs["input"]
+            real = self._real_rows(ids.detach(), 0).reshape(-1)
+            counts = torch.bincount(real, minlength=num_embeddings).to(torch.float64)
+            self.counts[name] = self.counts.get(name, 0) + counts
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, h in self.hessians.items():
+            mean = (h + h.T) / (2 * max(self.rows[name], 1))  # exactly symmetric before rounding
+            out[name] = mean.numpy().astype(np.float32)
+        for name, counts in self.counts.items():
+            out[name] = (counts / max(float(counts.sum()), 1.0)).numpy().astype(np.float32)
+        return out
+
+
+def module_tensor_names(model, checkpoint_names) -> dict[str, str]:
+    """Module name -> the checkpoint's name of its weight, for modules that have one.
+
+    Checkpoints saved from a model with a head prefix their tensors with the
+    base model's prefix (``bert.``) while ``AutoModel`` loads the bare base
+    model, or the other way round: both spellings are tried.
+    """
+    known = set(checkpoint_names)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {}
+    for module_name, _ in model.named_modules():
+        candidates = [f"{module_name}.weight"]
+        if prefix:
+            candidates.append(f"{prefix}.{module_name}.weight")
+            if module_name.startswith(prefix + "."):
+                candidates.append(f"{module_name[len(prefix) + 1:]}.weight")
+        match = next((c for c in candidates if c in known), None)
+        if module_name and match is not None:
+            names[module_name] = match
+    return names
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def _check_args(max_tokens, seq_len, batch_size) -> None:
+    for label, value, low in (("max_tokens", max_tokens, 1), ("seq_len", seq_len, 2),
+                              ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"{label} must be an integer >= {low}, got {value!r}")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise OutputExistsError(f"{out}: output exists (pass overwrite=True)")
+
+
+def _write_atomically(out: Path, tensors: dict, metadata: dict[str, str], overwrite: bool) -> None:
+    """Temp file beside ``out`` then os.replace: readers never see a partial file."""
+    from safetensors.numpy import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        _check_output(out, overwrite)  # something may have appeared meanwhile
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _import_torch_transformers():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise UsageError(f"calibration needs torch and transformers ({e}); "
+                         "install the 'hf' and 'runtime' extras: pip install 'dcm[hf,runtime]'") from None
+    return torch, transformers
+
+
+def _load_model(model_dir, transformers, torch):
+    try:
+        model = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load the model or tokenizer: {e}") from None
+    return model, tokenizer
+
+
+def _pad_id(tokenizer) -> int:
+    # Decoder tokenizers often have no pad token; masked rows are never counted anyway.
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def calibrate(model_dir, text_file, out, *, max_tokens: int = 65536, seq_len: int = 128,
+              batch_size: int = 16, overwrite: bool = False, progress: bool = False) -> CalibrationReport:
+    """Write the calibration statistics of ``model_dir`` on ``text_file`` to ``out``."""
+    started = time.perf_counter()
+    _check_args(max_tokens, seq_len, batch_size)
+    out = Path(out)
+    _check_output(out, overwrite)  # fail before the forward passes
+    torch, transformers = _import_torch_transformers()
+    from tqdm import tqdm
+
+    from .checkpoint import Checkpoint
+
+    with Checkpoint(model_dir) as ckpt:
+        checkpoint_names = ckpt.names()
+    model, tokenizer = _load_model(model_dir, transformers, torch)
+    sequences = token_sequences(tokenizer, read_paragraphs(text_file), seq_len, max_tokens)
+    if not sequences:
+        raise UsageError(f"{text_file}: no text to calibrate on")
+    collector = _Collector(model, module_tensor_names(model, checkpoint_names))
+    try:
+        batches = _batches(sequences, batch_size, _pad_id(tokenizer))
+        total = -(-len(sequences) // batch_size)
+        with torch.no_grad():
+            for ids, mask in tqdm(batches, total=total, desc="calibrate", disable=not progress):
+                collector.start_batch(mask)
+                model(input_ids=ids, attention_mask=mask)
+        collector.start_batch(mask)  # drop the last batch's memo
+    finally:
+        collector.remove()
+    tensors = collector.tensors()
+    tokens = sum(map(len, sequences))
+    metadata = {"format": FORMAT, "version": VERSION, "tokens": str(tokens),
+                "sequences": str(len(sequences)), "seq_len": str(seq_len),
+                "model": Path(model_dir).resolve().name, "text_sha256": _sha256(text_file)}
+    _write_atomically(out, tensors, metadata, overwrite)
+    return CalibrationReport(str(out), tokens, len(sequences), len(tensors),
+                             time.perf_counter() - started)
+
+
+def _sha256(path) -> str:
+    # Lets a caller tell whether cached statistics came from the same text.
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+class CalibrationStats:
+    """A calibration file opened with numpy; tensors are read (and checked) when asked for."""
+
+    def __init__(self, path, metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]):
+        self.path = Path(path)
+        self.metadata = metadata
+        self._shapes = shapes
+        self.tokens = int(metadata["tokens"])
+
+    def names(self) -> list[str]:
+        return sorted(self._shapes)
+
+    def __contains__(self, name) -> bool:
+        return name in self._shapes
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """The mean input Hessian of a linear's weight (float64, in × in), or None."""
+        if len(self._shapes.get(name, ())) != 2:
+            return None
+        h = self._read(name)
+        scale = max(float(np.abs(h).max(initial=0.0)), np.finfo(np.float64).tiny)
+        if np.abs(h - h.T).max(initial=0.0) > _SYMMETRY_RTOL * scale or (np.diag(h) < 0).any():
+            raise CheckpointError(f"{self.path}: tensor {name!r}: Hessian is not symmetric "
+                                  "with a non-negative diagonal")
+        return h
+
+    def row_frequencies(self, name: str) -> np.ndarray | None:
+        """How often each row of an embedding was looked up (float64, sums to 1), or None."""
+        if len(self._shapes.get(name, ())) != 1:
+            return None
+        freq = self._read(name)
+        if (freq < 0).any():
+            raise CheckpointError(f"{self.path}: tensor {name!r}: negative row frequencies")
+        return freq
+
+    def _read(self, name: str) -> np.ndarray:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                array = f.get_tensor(name).astype(np.float64)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read: {e}") from None
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{self.path}: tensor {name!r}: not finite")
+        return array
+
+
+def _check_stats_metadata(path, metadata) -> dict[str, str]:
+    meta = dict(metadata or {})
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a calibration file (format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: calibration version {meta.get('version')!r} is not {VERSION!r}")
+    if not re.fullmatch(r"[0-9]{1,18}", meta.get("tokens", "")):
+        raise CheckpointError(f"{path}: metadata 'tokens' {meta.get('tokens')!r} is not a count")
+    return meta
+
+
+def _check_entry(path, name: str, dtype: str, shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if dtype != "F32":
+        raise CheckpointError(f"{path}: tensor {name!r}: dtype {dtype}, expected F32")
+    if len(shape) == 2 and shape[0] != shape[1]:
+        raise CheckpointError(f"{path}: tensor {name!r}: Hessian of shape {list(shape)} is not square")
+    if len(shape) not in (1, 2):
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {list(shape)} is neither 1-D nor 2-D")
+    return shape
+
+
+def load_stats(path) -> CalibrationStats:
+    """Open a calibration file: checks its metadata and every tensor's dtype and shape.
+
+    Values are read lazily (a large model's Hessians do not all fit in memory)
+    and checked for finiteness and symmetry when read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata, names = f.metadata(), f.keys()
+            entries = [(name, f.get_slice(name)) for name in names]
+            entries = [(name, s.get_dtype(), s.get_shape()) for name, s in entries]
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+    meta = _check_stats_metadata(path, metadata)
+    shapes = {name: _check_entry(path, name, dtype, shape) for name, dtype, shape in entries}
+    return CalibrationStats(path, meta, shapes)

@@ -1,0 +1,370 @@
+"""Delta-CoMe (Ping et al. 2024): mixed-precision singular vectors, with honest byte accounting.
+
+Per selected matrix: Δ = W_ft − W_base in float32, its SVD, and the singular
+vectors split into bit groups stored as a ``lowrank-mixed`` record.
+
+The budget is every byte the records put in the file: ``--ratio r`` gives the
+selected tensors together at most r·16 bits per parameter, counting each
+record's index entry, its blob, and the alignment padding before the blob.
+
+Allocation (``alloc``):
+- ``recipe`` (the paper): each matrix gets a share of the budget in proportion
+  to its size (a floor for tiny ones, which would not fit otherwise), spent in
+  recipe order: 2 vectors at 8 bit, 32 at 3 bit, then 2-bit vectors until the
+  share is spent.  Bytes a matrix leaves unspent pass to the next.
+- ``rd``: rate–distortion over the whole file (``allocate.py``): every vector of
+  every matrix gets a width in {0, 2, 3, 4, 8} (or the ``widths`` given) chosen
+  greedily by error reduction per byte.
+
+Quantization: round-to-nearest, or GPTQ (``gptq.py``) when calibration
+statistics give the matrix's input Hessian: V first, then U refitted to
+absorb V̂'s error and quantized against the Hessian of x·V̂ᵀ·diag(S).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import allocate, dtypes, gptq, lowrank, quant
+from .constants import DEFAULT_ALIGNMENT, Kind, Packing
+from .errors import UsageError
+from .index import packed_len
+from .lowrank import BitGroup, Factor
+from .methods import Method, register
+from .records import LowrankMixed
+
+DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
+DEFAULT_WIDTHS = (2, 3, 4, 8)
+WORST_OFFSET = 2**64 - 1  # the widest msgpack integer: an index entry never grows past this estimate
+SVD_CACHE_BYTES = 2 * 2**30  # factors kept between planning and encoding under ``rd``
+
+
+def parse_recipe(text) -> tuple:
+    """``8:2,3:32,2`` -> ((8, 2), (3, 32), (2, None)): bits:count, the last count optional."""
+    if not isinstance(text, str):
+        return tuple((int(b), None if c is None else int(c)) for b, c in text)
+    out = []
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    for i, part in enumerate(parts):
+        bits, _, count = part.partition(":")
+        try:
+            b = int(bits)
+            c = int(count) if count else None
+        except ValueError:
+            raise UsageError(f"recipe item {part!r} is not BITS:COUNT") from None
+        if not 1 <= b <= 8 or (c is not None and c < 0) or (c is None and i != len(parts) - 1):
+            raise UsageError(f"recipe item {part!r}: bits in 1..8, a count >= 0 "
+                             f"(only the last item may omit it)")
+        out.append((b, c))
+    if not out:
+        raise UsageError("empty recipe")
+    return tuple(out)
+
+
+def recipe_text(recipe) -> str:
+    return ",".join(f"{b}" if c is None else f"{b}:{c}" for b, c in recipe)
+
+
+# --- byte accounting ------------------------------------------------------------------
+
+
+def record_cost(name: str, dtype_name: str, shape, groups: list[BitGroup],
+                alignment: int = DEFAULT_ALIGNMENT) -> int:
+    """Upper bound of the bytes a lowrank-mixed record puts in the file.
+
+    Its index entry (with the widest offset, length and CRC msgpack can take), its
+    raw blob (zstd is kept only when smaller) and the padding that may precede it.
+    """
+    raw = lowrank.blob_size(shape, groups)
+    blobs = [{"offset": WORST_OFFSET, "length": raw, "encoding": 1, "raw_length": raw,
+              "crc32": 2**32 - 1}] if groups else []
+    entry = {"name": name, "kind": int(Kind.LOWRANK_MIXED), "dtype": dtype_name, "shape": list(shape),
+             "params": {"packing": int(Packing.LSB_FIRST), "groups": [g.as_param() for g in groups]}, "blobs": blobs,
+             "base": {"dtype": dtype_name, "shape": list(shape), "sha256": bytes(32)}}
+    return packed_len(entry) + raw + (alignment - 1 if groups else 0)
+
+
+def groups_from_widths(widths, group_size: int) -> list[BitGroup]:
+    """Runs of equal widths (vectors already ordered) as bit groups; width 0 ends the rank."""
+    groups, start = [], 0
+    for i, b in enumerate(list(widths) + [0]):
+        if i and (b != widths[i - 1] or b == 0):
+            if widths[i - 1]:
+                groups.append(BitGroup(start, i, int(widths[i - 1]), group_size))
+            start = i
+        if b == 0:
+            break
+    return groups
+
+
+def recipe_groups(name, dtype_name, shape, recipe, group_size, budget: int, rank_cap: int):
+    """The recipe's bit groups that fit in ``budget`` bytes (each stage filled by bisection)."""
+    groups: list[BitGroup] = []
+    start = 0
+    for bits, count in recipe:
+        room = rank_cap - start
+        hi = room if count is None else min(count, room)
+        if hi <= 0:
+            break
+
+        def fits(c):
+            trial = groups + [BitGroup(start, start + c, bits, group_size)] if c else groups
+            return record_cost(name, dtype_name, shape, trial) <= budget
+        lo = 0
+        while lo < hi:  # largest c in [0, hi] that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        if lo:
+            groups.append(BitGroup(start, start + lo, bits, group_size))
+            start += lo
+        if count is None or lo < count:
+            break
+    return groups
+
+
+def share_budgets(tensors, total: int, floor) -> dict[str, int]:
+    """Split ``total`` bytes over tensors by size; a tensor whose share is below ``floor(t)`` gets the floor.
+
+    Water-filling: fixing a floor lowers everyone else's share, so repeat until stable.
+    """
+    fixed: dict[str, int] = {}
+    while True:
+        free = [t for t in tensors if t.name not in fixed]
+        left = total - sum(fixed.values())
+        count = sum(math.prod(t.shape) for t in free)
+        shares = {t.name: left * math.prod(t.shape) // count if count else 0 for t in free}
+        low = {t.name: floor(t) for t in free if shares[t.name] < floor(t)}
+        if not low:
+            return {**fixed, **shares}
+        fixed.update(low)
+
+
+# --- the factors --------------------------------------------------------------------
+
+
+@dataclass
+class Svd:
+    u: np.ndarray  # (k, m) vector-major, float32
+    s: np.ndarray  # (k,)
+    v: np.ndarray  # (k, n)
+
+
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def exact_svd(delta: np.ndarray) -> Svd:
+    torch = _torch()
+    if torch is None:
+        u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    else:
+        u, s, vh = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(delta), full_matrices=False))
+    return Svd(np.ascontiguousarray(u.T), s, vh)
+
+
+def randomized_svd(delta: np.ndarray, rank: int, oversample: int, power_iters: int, seed: int) -> Svd:
+    """Halko et al.: a rank+oversample sketch with power iterations, then an exact SVD of the sketch."""
+    m, n = delta.shape
+    q = min(rank + oversample, m, n)
+    if q >= min(m, n) // 2:
+        return exact_svd(delta)  # a sketch that large saves nothing
+    rng = np.random.default_rng(seed)
+    a = delta
+    y = a @ rng.standard_normal((n, q)).astype(np.float32)
+    basis = np.linalg.qr(y)[0]
+    for _ in range(power_iters):
+        basis = np.linalg.qr(a.T @ basis)[0]
+        basis = np.linalg.qr(a @ basis)[0]
+    small = exact_svd(np.ascontiguousarray(basis.T @ a))
+    return Svd(np.ascontiguousarray((basis @ small.u.T).T), small.s, small.v)
+
+
+def rank_cap(s: np.ndarray, shape) -> int:
+    """Vectors worth storing: singular values above the float32 noise floor of the SVD."""
+    if not s.size or s[0] <= 0:
+        return 0
+    return int(np.count_nonzero(s > s[0] * max(shape) * np.finfo(np.float32).eps))
+
+
+# --- the method -------------------------------------------------------------------------
+
+
+@register
+class DeltaCoMe(Method):
+    name = "delta-come"
+    takes_ratio = True
+
+    def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int = 3, *,
+                 alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
+                 widths=DEFAULT_WIDTHS, group_size: int = 128, damp: float = 0.01, refit: bool = True,
+                 oversample: int = 16, power_iters: int = 2, seed: int = 0):
+        super().__init__(ratio if ratio is not None else "1/16", include, exclude, zstd_level)
+        if alloc not in ("recipe", "rd"):
+            raise UsageError(f"alloc must be 'recipe' or 'rd', got {alloc!r}")
+        if svd not in ("exact", "randomized"):
+            raise UsageError(f"svd must be 'exact' or 'randomized', got {svd!r}")
+        if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
+            raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
+        self.alloc, self.svd, self.group_size = alloc, svd, group_size
+        self.recipe = parse_recipe(recipe)
+        self.widths = tuple(sorted({int(w) for w in widths}))
+        if not self.widths or not all(1 <= w <= 8 for w in self.widths):
+            raise UsageError(f"widths must be bit widths in 1..8, got {widths!r}")
+        self.damp, self.refit = float(damp), bool(refit)
+        self.oversample, self.power_iters, self.seed = int(oversample), int(power_iters), int(seed)
+        self.stats = self._load_stats(calibration)
+        self.budgets: dict[str, int] = {}
+        self.plans: dict[str, np.ndarray] = {}  # rd: each matrix's widths in file order
+        self.orders: dict[str, np.ndarray] = {}  # rd: SVD indices in file order
+        self.cache: dict[str, Svd] = {}
+        self.carry = 0
+
+    @staticmethod
+    def _load_stats(calibration):
+        if calibration is None:
+            return None
+        from .calibrate import load_stats
+        stats = load_stats(calibration)
+        with open(calibration, "rb") as f:
+            stats.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        return stats
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"alloc": self.alloc, "svd": self.svd, "group_size": self.group_size,
+                       "quantizer": "gptq" if self.stats else "rtn"})
+        if self.alloc == "recipe":
+            config["recipe"] = recipe_text(self.recipe)
+        else:
+            config["widths"] = list(self.widths)
+        if self.svd == "randomized":
+            config.update({"oversample": self.oversample, "power_iters": self.power_iters, "seed": self.seed})
+        if self.stats:
+            config.update({"damp": self.damp, "refit_u": self.refit, "calibration_tokens": self.stats.tokens,
+                           "calibration_sha256": self.stats.sha256})
+        return config
+
+    def wants_tensor(self, name, dtype_name, shape) -> bool:
+        return dtype_name in lowrank.DTYPES and self.selection.selects(name, dtype_name, shape)
+
+    # --- planning ------------------------------------------------------------------------
+
+    def total_budget(self, tensors) -> int:
+        params = sum(math.prod(t.shape) for t in tensors)
+        return int(self.ratio * 16 * params) // 8
+
+    def plan(self, tensors, load) -> None:
+        """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
+        total = self.total_budget(tensors)
+        empty = {t.name: record_cost(t.name, t.dtype, t.shape, []) for t in tensors}
+        if sum(empty.values()) > total:
+            raise UsageError(f"ratio {self.ratio}: {total} bytes cannot hold even the index entries "
+                             f"({sum(empty.values())} bytes) of {len(tensors)} matrices; "
+                             f"raise the ratio or --exclude small tensors")
+        if self.alloc == "rd":
+            self._plan_rd(tensors, load, total)
+            return
+        top_bits, top_count = self.recipe[0]
+
+        def floor(t):  # room for the recipe's first group, so a tiny matrix still gets its top vectors
+            first = min(top_count if top_count is not None else 1, min(t.shape))
+            group = [BitGroup(0, first, top_bits, self.group_size)] if first else []
+            return record_cost(t.name, t.dtype, t.shape, group)
+        self.budgets = share_budgets(tensors, total, floor)
+        if sum(self.budgets.values()) > total:  # the floors alone overspend: fall back to empty records
+            self.budgets = share_budgets(tensors, total, lambda t: empty[t.name])
+
+    def _plan_rd(self, tensors, load, total):
+        candidates, cached = [], 0
+        for t in tensors:
+            ft, base = load(t.name)
+            svd = self.factorize(t.name, ft, base, t.dtype, rank_hint=None)
+            u_side, v_side = self._metric(t.name, t.shape)
+            candidates.append(allocate.Candidates.measure(
+                t.name, t.dtype, t.shape, svd, self.widths, self.group_size, u_side, v_side))
+            size = svd.u.nbytes + svd.v.nbytes
+            if cached + size <= SVD_CACHE_BYTES:
+                self.cache[t.name], cached = svd, cached + size
+        chosen = allocate.allocate(candidates, total, record_cost)
+        for c, widths in zip(candidates, chosen):
+            order = np.lexsort((np.arange(widths.size), -widths))  # widest first, then by S
+            keep = order[widths[order] > 0]
+            self.orders[c.name], self.plans[c.name] = keep, widths[keep]
+            self.budgets[c.name] = record_cost(c.name, c.dtype, c.shape,
+                                               groups_from_widths(widths[keep], self.group_size))
+
+    def _metric(self, name, shape):
+        """(output-side, input-side) weights of the error: None (identity), a diagonal or a Hessian."""
+        if self.stats is None:
+            return None, None
+        h = self.stats.hessian(name)
+        if h is not None and h.shape == (shape[1], shape[1]):
+            return None, h
+        return None, None
+
+    # --- encoding ------------------------------------------------------------------------
+
+    def factorize(self, name, ft, base, dtype_name, rank_hint) -> Svd:
+        if name in self.cache:
+            return self.cache.pop(name)
+        delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
+        if self.svd == "randomized" and rank_hint is not None:
+            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little")
+            return randomized_svd(delta, rank_hint, self.oversample, self.power_iters, seed)
+        return exact_svd(delta)
+
+    def encode_tensor(self, name, ft, base, dtype_name):
+        shape = ft.shape
+        budget = self.budgets.get(name)
+        if budget is None:  # not planned (a direct call): this matrix alone at the ratio
+            budget = int(self.ratio * 16 * math.prod(shape)) // 8
+        if self.alloc == "rd":
+            svd = self.factorize(name, ft, base, dtype_name, None)
+            order, widths = self.orders[name], self.plans[name]
+            svd = Svd(svd.u[order], svd.s[order], svd.v[order])
+            groups = groups_from_widths(widths, self.group_size)
+        else:
+            budget += self.carry
+            hint = self._rank_hint(name, dtype_name, shape, budget)
+            svd = self.factorize(name, ft, base, dtype_name, hint)
+            groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget,
+                                   rank_cap(svd.s, shape))
+            self.carry = budget - record_cost(name, dtype_name, shape, groups)
+        delta = None
+        if self.stats is not None and self.stats.hessian(name) is not None:
+            delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
+        s, factors = self.quantize(name, shape, svd, groups, delta)
+        params, raws = LowrankMixed.encode(shape, groups, s, factors)
+        return Kind.LOWRANK_MIXED, params, raws
+
+    def _rank_hint(self, name, dtype_name, shape, budget) -> int:
+        """Most vectors the recipe could keep in ``budget``: what a randomized SVD must find."""
+        groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget, min(shape))
+        return sum(g.count for g in groups)
+
+    def quantize(self, name, shape, svd: Svd, groups, delta):
+        """(S, [(V, U) factors]) of the kept vectors: GPTQ where a Hessian is known, else RTN."""
+        k = groups[-1].stop if groups else 0
+        s = svd.s[:k].astype(np.float32)
+        bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64) if groups else []
+        h = self.stats.hessian(name) if self.stats is not None else None
+        if not k:
+            return s, []
+        if h is None or h.shape != (shape[1], shape[1]):
+            v = quant.rtn(svd.v[:k], bits, self.group_size)
+            u = quant.rtn(svd.u[:k], bits, self.group_size)
+        else:
+            v = gptq.quantize_rows(svd.v[:k], h, bits, self.group_size, self.damp)
+            v_hat = quant.dequantize(*v, self.group_size)
+            u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
+            u = gptq.quantize_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
+        return s, [(Factor(*(a[g.start:g.stop] for a in v)), Factor(*(a[g.start:g.stop] for a in u)))
+                   for g in groups]

@@ -1,0 +1,125 @@
+"""GPTQ for the factors of a low-rank delta (Frantar et al. 2022, adapted to bit groups).
+
+The delta's contribution to a layer's output is y = x·Δᵀ = ((x·Vᵀ)·diag(S))·Uᵀ
+for vector-major factors V (k, n) and U (k, m).  GPTQ quantizes one input
+dimension at a time and spreads each rounding error over the dimensions not yet
+quantized, weighted by the inverse of the input Hessian H = E[xᵀx]:
+
+- V (``quantize_rows``): the "layer" is Vᵀ with input x, so its columns are the
+  n elements of every vector at once; each vector (row) has its own bit width,
+  and quantization groups run along the row, as GPTQ's usual group size does.
+- U (``quantize_columns``): the "layer" is U with input t = x·V̂ᵀ·diag(S), whose
+  Hessian is diag(S)·V̂·H·V̂ᵀ·diag(S); its columns are whole singular vectors,
+  quantized in order (8-bit ones first), groups running along each vector.
+
+No act-order: the column order is fixed (V: natural, U: the file's order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import quant
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H): GPTQ's error weights."""
+    h = np.array(h, dtype=np.float64)
+    n = h.shape[0]
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    lam = damp * float(np.mean(np.diag(h)))
+    h[np.diag_indices(n)] += lam
+    while True:  # a Hessian from few tokens may be singular even with damping: damp more
+        try:
+            inv = np.linalg.inv(np.linalg.cholesky(h))
+            return np.linalg.cholesky(inv.T @ inv).T
+        except np.linalg.LinAlgError:
+            h[np.diag_indices(n)] += max(lam, 1e-8)
+            lam *= 10
+
+
+def damped(h: np.ndarray, damp: float) -> np.ndarray:
+    h = np.array(h, dtype=np.float64)
+    h[np.diag_indices(h.shape[0])] += damp * float(np.mean(np.diag(h))) + 1e-12
+    return h
+
+
+def quantize_rows(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int, damp: float = 0.01):
+    """GPTQ of w (rows, n) against input Hessian h (n, n); ``bits`` per row.
+
+    Returns (codes (rows, n), scales (rows, groups), zeros (rows, groups)).
+    Blocks are one quantization group wide, so each group's scale is fitted on
+    values that already carry all earlier groups' error feedback.
+    """
+    w = np.array(w, dtype=np.float64)
+    rows, n = w.shape
+    dead = np.diag(h) <= 0
+    w[:, dead] = 0  # inputs that never fire: any value is as good as 0
+    hinv = _inverse_cholesky(h, damp)
+    ng = quant.group_count(n, group_size)
+    codes = np.empty((rows, n), dtype=np.uint8)
+    scales = np.empty((rows, ng), dtype=quant.SCALE_DTYPE)
+    zeros = np.empty((rows, ng), dtype=np.uint8)
+    for gi, i1 in enumerate(range(0, n, group_size)):
+        i2 = min(i1 + group_size, n)
+        block = w[:, i1:i2].copy()
+        err = np.zeros_like(block)
+        scale, zero = quant.fit(block, bits, i2 - i1)
+        scales[:, gi], zeros[:, gi] = scale[:, 0], zero[:, 0]
+        for j in range(i2 - i1):
+            col = block[:, j:j + 1]
+            q = quant.quantize(col, scale, zero, bits, 1)
+            codes[:, i1 + j] = q[:, 0]
+            e = (col - quant.dequantize(q, scale, zero, 1)) / hinv[i1 + j, i1 + j]
+            block[:, j + 1:] -= e @ hinv[i1 + j:i1 + j + 1, i1 + j + 1:i2]
+            err[:, j:j + 1] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes, scales, zeros
+
+
+def quantize_columns(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int,
+                     damp: float = 0.01, block: int = 64):
+    """GPTQ of the vectors of u (k, m) (columns of the layer Uᵀ) against h (k, k); ``bits`` per vector.
+
+    Returns (codes (k, m), scales (k, groups), zeros (k, groups)).
+    """
+    w = np.array(w, dtype=np.float64)
+    k, m = w.shape
+    hinv = _inverse_cholesky(h, damp)
+    ng = quant.group_count(m, group_size)
+    codes = np.empty((k, m), dtype=np.uint8)
+    scales = np.empty((k, ng), dtype=quant.SCALE_DTYPE)
+    zeros = np.empty((k, ng), dtype=np.uint8)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        err = np.zeros((i2 - i1, m))
+        for i in range(i1, i2):
+            vec = w[i:i + 1]
+            scale, zero = quant.fit(vec, bits[i], group_size)
+            q = quant.quantize(vec, scale, zero, bits[i], group_size)
+            codes[i], scales[i], zeros[i] = q[0], scale[0], zero[0]
+            e = (vec - quant.dequantize(q, scale, zero, group_size)) / hinv[i, i]
+            w[i + 1:i2] -= hinv[i, i + 1:i2, None] * e
+            err[i - i1] = e[0]
+        w[i2:] -= hinv[i1:i2, i2:].T @ err
+    return codes, scales, zeros
+
+
+def refit_u(delta: np.ndarray, v_hat: np.ndarray, s: np.ndarray, h: np.ndarray, damp: float = 0.01):
+    """U (k, m) that best maps x·V̂ᵀ·diag(S) to x·Δᵀ under input Hessian h.
+
+    Least squares E‖x·Δᵀ − x·V̂ᵀ·diag(S)·Uᵀ‖²: U absorbs the error of V̂ and the part
+    of Δ the dropped vectors held, as far as the kept directions can.
+    """
+    a = v_hat.T.astype(np.float64) * s.astype(np.float64)  # (n, k)
+    ha = h @ a
+    gram = damped(a.T @ ha, damp)
+    rhs = (delta.astype(np.float64) @ ha).T  # (k, m)
+    return np.linalg.solve(gram, rhs)
+
+
+def u_hessian(v_hat: np.ndarray, s: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """E[tᵀt] for t = x·V̂ᵀ·diag(S): the Hessian U is quantized against."""
+    a = v_hat.T.astype(np.float64) * s.astype(np.float64)
+    return a.T @ h @ a
