@@ -73,7 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never apply the method to tensors matching these patterns")
     p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.dcm if it exists")
+    g = p.add_argument_group("delta-come")
+    g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
+                   help="bit widths from the paper's fixed recipe (default) or by rate-distortion over the file")
+    g.add_argument("--svd", choices=("exact", "randomized"), default=None, help="SVD (default: exact)")
+    g.add_argument("--calibration", default=None, metavar="STATS",
+                   help="statistics from `dcm calibrate`: quantize with GPTQ instead of round-to-nearest")
+    g.add_argument("--recipe", default=None, metavar="B:N,...",
+                   help="fixed recipe, bits:count, the last count open (default: 8:2,3:32,2)")
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="elements per scale and zero point (default: 128)")
     p.set_defaults(func=cmd_encode)
+
+    p = add("calibrate", "collect per-layer input statistics of a model on a text, for GPTQ")
+    p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model directory (transformers loads it)")
+    p.add_argument("text", metavar="TEXT_FILE", help="UTF-8 text; blank lines separate sequences")
+    p.add_argument("-o", "--output", required=True, metavar="STATS", help="the statistics file to write")
+    p.add_argument("--max-tokens", type=int, default=65536, metavar="N", help="tokens to run (default: 65536)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="tokens per sequence (default: 128)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace STATS if it exists")
+    p.set_defaults(func=cmd_calibrate)
 
     p = add("decode", "rebuild the fine-tuned checkpoint from a .dcm file and its base")
     p.add_argument("input", metavar="IN.dcm")
@@ -132,9 +152,12 @@ def cmd_encode(args) -> int:
     with Checkpoint(args.finetune) as ft:
         for relpath, reason in ft.skipped_attachments():
             _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
+    names = {"alloc": "alloc", "svd": "svd", "calibration": "calibration", "recipe": "recipe",
+             "group_size": "group_size"}
+    options = {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr) is not None}
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
-                    include=args.include, exclude=args.exclude, zstd_level=args.zstd_level,
-                    overwrite=args.overwrite, progress=_progress(args))
+                    include=args.include, exclude=args.exclude, options=options,
+                    zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args))
     if report.params:
         ratio = report.file_bytes / (2 * report.params)
         sizes = (f"{report.bits_per_param:.3f} bits/param, "
@@ -143,6 +166,17 @@ def cmd_encode(args) -> int:
         sizes = "no parameters in the fine-tune"
     _say(args, f"wrote {sanitize(report.path)}: {report.file_bytes} bytes, {report.records} records, "
                f"{sizes}, {report.seconds:.2f} s")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .info import sanitize
+
+    report = calibrate(args.model, args.text, args.output, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                       batch_size=args.batch_size, overwrite=args.overwrite, progress=_progress(args))
+    _say(args, f"wrote {sanitize(report.path)}: {report.layers} tensors from {report.tokens} tokens "
+               f"in {report.sequences} sequences, {report.seconds:.1f} s")
     return 0
 
 
