@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import quant
+from . import blobs, lowrank, quant
 
 
 def weigh(x: np.ndarray, side) -> np.ndarray:
@@ -31,7 +31,8 @@ def weigh(x: np.ndarray, side) -> np.ndarray:
         return np.einsum("ij,ij->i", x, x, dtype=np.float64)
     if side.ndim == 1:
         return np.einsum("ij,ij,j->i", x, x, side, dtype=np.float64)
-    return np.einsum("ij,jk,ik->i", x, side, x, dtype=np.float64)
+    x = x.astype(np.float64)
+    return np.einsum("ij,ij->i", x @ side, x)  # one matrix product: einsum's three-operand loop is slow
 
 
 def vector_bytes(shape, bits: int, group_size: int) -> float:
@@ -53,21 +54,33 @@ class Candidates:
     dist: np.ndarray  # (vectors, options)
 
     @classmethod
-    def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None):
+    def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None,
+                zstd_level: int | None = None):
+        """Measure every option; with ``zstd_level``, bytes are what the codes take once compressed.
+
+        zstd matters where a factor is mostly zeros (a word-embedding delta lives in
+        the rows of the tokens seen in training): its blob may shrink severalfold.
+        The compressed share is measured on the blob of all vectors at each width.
+        """
         from .deltacome import rank_cap
 
         k = rank_cap(svd.s, shape)
         u, v = svd.u[:k], svd.v[:k]
         s2 = svd.s[:k].astype(np.float64) ** 2
         wu, wv = weigh(u, u_side), weigh(v, v_side)
-        dist = [s2 * wu * wv]
+        dist, cost = [s2 * wu * wv], [0.0]
+        if not k:
+            return cls(name, dtype, tuple(shape), np.array([0, *widths]),
+                       np.array([0.0] + [vector_bytes(shape, b, group_size) for b in widths]),
+                       np.zeros((0, len(widths) + 1)))
         for b in widths:
-            du = u - quant.dequantize(*quant.rtn(u, b, group_size), group_size)
-            dv = v - quant.dequantize(*quant.rtn(v, b, group_size), group_size)
+            qu, qv = quant.rtn(u, b, group_size), quant.rtn(v, b, group_size)
+            du = u - quant.dequantize(*qu, group_size)
+            dv = v - quant.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
-        cost = [0.0] + [vector_bytes(shape, b, group_size) for b in widths]
-        return cls(name, dtype, tuple(shape), np.array([0, *widths]), np.array(cost),
-                   np.stack(dist, axis=1) if k else np.zeros((0, len(widths) + 1)))
+            shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
+            cost.append(vector_bytes(shape, b, group_size) * shrink)
+        return cls(name, dtype, tuple(shape), np.array([0, *widths]), np.array(cost), np.stack(dist, axis=1))
 
     def choose(self, lam: float) -> np.ndarray:
         """Each vector's width minimising D + λ·bytes."""
@@ -76,11 +89,30 @@ class Candidates:
         return self.widths[np.argmin(self.dist + lam * self.cost, axis=1)]
 
 
-def _exact_cost(c: Candidates, widths, record_cost, group_size) -> int:
+def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level) -> float:
+    """stored / raw bytes of a blob holding every vector at ``bits`` (1.0 without zstd)."""
+    if zstd_level is None:
+        return 1.0
+    group = [lowrank.BitGroup(0, len(s), bits, group_size)]
+    raw = lowrank.pack_blob(shape, group, s, [(lowrank.Factor(*qv), lowrank.Factor(*qu))])
+    return len(blobs.encode(raw, zstd_level)[1]) / len(raw)
+
+
+def estimated_cost(c: Candidates, widths, record_cost, group_size) -> int:
+    """The record's bytes: exact without compression; with it, the raw blob scaled by the
+    measured stored share of the kept vectors' widths."""
     from .deltacome import groups_from_widths
 
     kept = np.sort(widths[widths > 0])[::-1]
-    return record_cost(c.name, c.dtype, c.shape, groups_from_widths(kept, group_size))
+    groups = groups_from_widths(kept, group_size)
+    raw_cost = record_cost(c.name, c.dtype, c.shape, groups)
+    if not kept.size:
+        return raw_cost
+    full = {int(b): vector_bytes(c.shape, int(b), group_size) for b in c.widths[1:]}
+    by_width = dict(zip(c.widths.tolist(), c.cost.tolist()))
+    share = sum(by_width[int(b)] for b in kept) / sum(full[int(b)] for b in kept)
+    blob = lowrank.blob_size(c.shape, groups)
+    return raw_cost - blob + int(np.ceil(blob * min(share, 1.0)))
 
 
 def allocate(candidates: list[Candidates], total: int, record_cost, group_size: int = 128,
@@ -89,7 +121,7 @@ def allocate(candidates: list[Candidates], total: int, record_cost, group_size: 
 
     def spend(lam):
         chosen = [c.choose(lam) for c in candidates]
-        return chosen, sum(_exact_cost(c, w, record_cost, group_size) for c, w in zip(candidates, chosen))
+        return chosen, sum(estimated_cost(c, w, record_cost, group_size) for c, w in zip(candidates, chosen))
 
     # λ is an error-per-byte price: bracket it between free bytes and bytes too dear to buy any vector.
     top = max((float(c.dist[:, 0].max() / c.cost[1:].min()) for c in candidates if len(c.dist)), default=1.0)
@@ -108,4 +140,37 @@ def allocate(candidates: list[Candidates], total: int, record_cost, group_size: 
             hi, best = mid, chosen
         else:
             lo = mid
-    return best
+    return top_up(candidates, best, total, record_cost, group_size)
+
+
+def top_up(candidates, chosen, total: int, record_cost, group_size: int, moves: int = 4096):
+    """Spend what the Lagrangian solution left: widen single vectors, best error drop per byte first.
+
+    λ moves every vector at once, so near the budget one more step overshoots and
+    the last bytes stay unspent; in a small file that can be a large share.
+    """
+    chosen = [w.copy() for w in chosen]
+    costs = [estimated_cost(c, w, record_cost, group_size) for c, w in zip(candidates, chosen)]
+    spent = sum(costs)
+    options = []
+    for ci, (c, w) in enumerate(zip(candidates, chosen)):
+        if not len(c.dist):
+            continue
+        now = np.searchsorted(c.widths, w)
+        for j in range(1, len(c.widths)):
+            gain = c.dist[np.arange(len(w)), now] - c.dist[:, j]
+            extra = c.cost[j] - c.cost[now]
+            ok = (j > now) & (gain > 0)
+            for i in np.flatnonzero(ok):
+                options.append((gain[i] / max(extra[i], 1e-9), ci, int(i), int(c.widths[j]), int(w[i])))
+    options.sort(reverse=True)
+    for _, ci, i, width, was in options[:moves]:
+        if chosen[ci][i] != was:  # this vector already moved
+            continue
+        chosen[ci][i] = width
+        cost = estimated_cost(candidates[ci], chosen[ci], record_cost, group_size)
+        if spent - costs[ci] + cost <= total:
+            spent, costs[ci] = spent - costs[ci] + cost, cost
+        else:
+            chosen[ci][i] = was
+    return chosen

@@ -34,17 +34,22 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
         raise UsageError(f"codes must be integers, got an array of {codes.dtype}")
     if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise UsageError(f"codes do not fit in {bits} bits")
-    codes = codes.astype(np.uint8)
+    count = codes.size
     if bits == 8:
-        return codes.tobytes()
-    # Chunks of a multiple of 8 codes start on a byte boundary, so they concatenate.
-    out = []
-    shifts = np.arange(bits, dtype=np.uint8)
-    for start in range(0, codes.size, _CHUNK):
-        chunk = codes[start : start + _CHUNK]
-        bitmat = (chunk[:, None] >> shifts) & 1  # row i = bits of code i, LSB first
-        out.append(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
-    return b"".join(out)
+        return codes.astype(np.uint8).tobytes()
+    # Whole bytes at a time: 8 // bits codes make one byte when bits divides 8, else
+    # 8 codes make ``bits`` bytes, the low ones of a little-endian 64-bit word.
+    in_bytes = 8 % bits == 0
+    per = 8 // bits if in_bytes else 8
+    padded = np.zeros(-(-count // per) * per, dtype=np.uint8 if in_bytes else np.dtype("<u8"))
+    padded[:count] = codes
+    lanes = padded.reshape(-1, per)
+    word = lanes[:, 0].copy()
+    for j in range(1, per):
+        word |= lanes[:, j] << word.dtype.type(j * bits)
+    if in_bytes:
+        return word.tobytes()
+    return word.view(np.uint8).reshape(-1, 8)[:, :bits].tobytes()[:packed_size(count, bits)]
 
 
 def unpack(data, count: int, bits: int) -> np.ndarray:

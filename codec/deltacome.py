@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import allocate, dtypes, gptq, lowrank, quant
+from . import allocate, blobs, dtypes, gptq, lowrank, quant
 from .constants import DEFAULT_ALIGNMENT, Kind, Packing
 from .errors import UsageError
 from .index import packed_len
@@ -41,6 +41,8 @@ DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 WORST_OFFSET = 2**64 - 1  # the widest msgpack integer: an index entry never grows past this estimate
 SVD_CACHE_BYTES = 2 * 2**30  # factors kept between planning and encoding under ``rd``
+GROW_STEPS = 4  # tries at spending what zstd saved on a matrix's own blob
+GROW_MIN_SLACK = 0.005  # ... while more than this share of its budget is left
 
 
 def parse_recipe(text) -> tuple:
@@ -73,19 +75,21 @@ def recipe_text(recipe) -> str:
 
 
 def record_cost(name: str, dtype_name: str, shape, groups: list[BitGroup],
-                alignment: int = DEFAULT_ALIGNMENT) -> int:
+                alignment: int = DEFAULT_ALIGNMENT, stored: int | None = None) -> int:
     """Upper bound of the bytes a lowrank-mixed record puts in the file.
 
     Its index entry (with the widest offset, length and CRC msgpack can take), its
-    raw blob (zstd is kept only when smaller) and the padding that may precede it.
+    blob (``stored`` bytes once encoded; before, the raw size, since zstd is kept
+    only when smaller) and the padding that may precede it.
     """
     raw = lowrank.blob_size(shape, groups)
-    blobs = [{"offset": WORST_OFFSET, "length": raw, "encoding": 1, "raw_length": raw,
+    length = raw if stored is None else stored
+    blobs = [{"offset": WORST_OFFSET, "length": length, "encoding": 1, "raw_length": raw,
               "crc32": 2**32 - 1}] if groups else []
     entry = {"name": name, "kind": int(Kind.LOWRANK_MIXED), "dtype": dtype_name, "shape": list(shape),
              "params": {"packing": int(Packing.LSB_FIRST), "groups": [g.as_param() for g in groups]}, "blobs": blobs,
              "base": {"dtype": dtype_name, "shape": list(shape), "sha256": bytes(32)}}
-    return packed_len(entry) + raw + (alignment - 1 if groups else 0)
+    return packed_len(entry) + length + (alignment - 1 if groups else 0)
 
 
 def groups_from_widths(widths, group_size: int) -> list[BitGroup]:
@@ -171,20 +175,28 @@ def exact_svd(delta: np.ndarray) -> Svd:
 
 
 def randomized_svd(delta: np.ndarray, rank: int, oversample: int, power_iters: int, seed: int) -> Svd:
-    """Halko et al.: a rank+oversample sketch with power iterations, then an exact SVD of the sketch."""
+    """Halko et al.: a rank+oversample sketch with power iterations, then an exact SVD of the sketch.
+
+    The sketch B = Qᵀ·Δ is factored as its transpose Δᵀ·Q: LAPACK is several
+    times faster on a tall matrix than on a wide one.
+    """
     m, n = delta.shape
     q = min(rank + oversample, m, n)
     if q >= min(m, n) // 2:
         return exact_svd(delta)  # a sketch that large saves nothing
+    torch = _torch()
+
+    def orthonormal(x):  # the Q of x's QR: torch's is ~10x faster than numpy's here
+        return np.linalg.qr(x)[0] if torch is None else torch.linalg.qr(torch.from_numpy(x))[0].numpy()
+
     rng = np.random.default_rng(seed)
     a = delta
-    y = a @ rng.standard_normal((n, q)).astype(np.float32)
-    basis = np.linalg.qr(y)[0]
+    basis = orthonormal(a @ rng.standard_normal((n, q)).astype(np.float32))
     for _ in range(power_iters):
-        basis = np.linalg.qr(a.T @ basis)[0]
-        basis = np.linalg.qr(a @ basis)[0]
-    small = exact_svd(np.ascontiguousarray(basis.T @ a))
-    return Svd(np.ascontiguousarray((basis @ small.u.T).T), small.s, small.v)
+        basis = orthonormal(a.T @ basis)
+        basis = orthonormal(a @ basis)
+    small = exact_svd(np.ascontiguousarray(a.T @ basis))  # Bᵀ = X·S·Yᵀ, so Δ ≈ (Q·Y)·S·Xᵀ
+    return Svd(np.ascontiguousarray(small.v @ basis.T), small.s, small.u)
 
 
 def rank_cap(s: np.ndarray, shape) -> int:
@@ -197,6 +209,17 @@ def rank_cap(s: np.ndarray, shape) -> int:
 # --- the method -------------------------------------------------------------------------
 
 
+@dataclass
+class Coded:
+    """One matrix's record as it will be written, and its cost in the file (record_cost, stored)."""
+
+    groups: list
+    params: dict
+    raws: list
+    cost: int
+
+
+
 @register
 class DeltaCoMe(Method):
     name = "delta-come"
@@ -204,11 +227,15 @@ class DeltaCoMe(Method):
 
     def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int = 3, *,
                  alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
-                 widths=DEFAULT_WIDTHS, group_size: int = 128, damp: float = 0.01, refit: bool = True,
+                 widths=DEFAULT_WIDTHS, group_size: int = 128, damp: float = 0.01, refit: bool = False,
+                 metric: str = "weights",
                  oversample: int = 16, power_iters: int = 2, seed: int = 0):
         super().__init__(ratio if ratio is not None else "1/16", include, exclude, zstd_level)
         if alloc not in ("recipe", "rd"):
             raise UsageError(f"alloc must be 'recipe' or 'rd', got {alloc!r}")
+        if metric not in ("weights", "outputs"):
+            raise UsageError(f"metric must be 'weights' or 'outputs', got {metric!r}")
+        self.metric = metric
         if svd not in ("exact", "randomized"):
             raise UsageError(f"svd must be 'exact' or 'randomized', got {svd!r}")
         if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
@@ -225,7 +252,9 @@ class DeltaCoMe(Method):
         self.plans: dict[str, np.ndarray] = {}  # rd: each matrix's widths in file order
         self.orders: dict[str, np.ndarray] = {}  # rd: SVD indices in file order
         self.cache: dict[str, Svd] = {}
-        self.carry = 0
+        self.carry = 0  # bytes earlier matrices left unspent, shared over the ones still to come
+        self.pending = 0  # parameters of the planned matrices not yet encoded
+        self._h_name, self._h = None, None
 
     @staticmethod
     def _load_stats(calibration):
@@ -244,7 +273,7 @@ class DeltaCoMe(Method):
         if self.alloc == "recipe":
             config["recipe"] = recipe_text(self.recipe)
         else:
-            config["widths"] = list(self.widths)
+            config.update({"widths": list(self.widths), "metric": self.metric})
         if self.svd == "randomized":
             config.update({"oversample": self.oversample, "power_iters": self.power_iters, "seed": self.seed})
         if self.stats:
@@ -264,6 +293,7 @@ class DeltaCoMe(Method):
     def plan(self, tensors, load) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
         total = self.total_budget(tensors)
+        self.pending = sum(math.prod(t.shape) for t in tensors)
         empty = {t.name: record_cost(t.name, t.dtype, t.shape, []) for t in tensors}
         if sum(empty.values()) > total:
             raise UsageError(f"ratio {self.ratio}: {total} bytes cannot hold even the index entries "
@@ -289,21 +319,22 @@ class DeltaCoMe(Method):
             svd = self.factorize(t.name, ft, base, t.dtype, rank_hint=None)
             u_side, v_side = self._metric(t.name, t.shape)
             candidates.append(allocate.Candidates.measure(
-                t.name, t.dtype, t.shape, svd, self.widths, self.group_size, u_side, v_side))
+                t.name, t.dtype, t.shape, svd, self.widths, self.group_size, u_side, v_side, self.zstd_level))
             size = svd.u.nbytes + svd.v.nbytes
             if cached + size <= SVD_CACHE_BYTES:
                 self.cache[t.name], cached = svd, cached + size
-        chosen = allocate.allocate(candidates, total, record_cost)
+        chosen = allocate.allocate(candidates, total, record_cost, self.group_size)
         for c, widths in zip(candidates, chosen):
             order = np.lexsort((np.arange(widths.size), -widths))  # widest first, then by S
             keep = order[widths[order] > 0]
             self.orders[c.name], self.plans[c.name] = keep, widths[keep]
-            self.budgets[c.name] = record_cost(c.name, c.dtype, c.shape,
-                                               groups_from_widths(widths[keep], self.group_size))
+            self.budgets[c.name] = allocate.estimated_cost(c, widths, record_cost, self.group_size)
+        # What the allocation left over first serves a matrix whose blob compresses worse than measured.
+        self.carry = total - sum(self.budgets.values())
 
     def _metric(self, name, shape):
         """(output-side, input-side) weights of the error: None (identity), a diagonal or a Hessian."""
-        if self.stats is None:
+        if self.metric == "weights" or self.stats is None:
             return None, None
         h = self.stats.hessian(name)
         if h is not None and h.shape == (shape[1], shape[1]):
@@ -326,45 +357,135 @@ class DeltaCoMe(Method):
         budget = self.budgets.get(name)
         if budget is None:  # not planned (a direct call): this matrix alone at the ratio
             budget = int(self.ratio * 16 * math.prod(shape)) // 8
+        budget += self._carry_share(name, math.prod(shape))
+        delta = None
+        if self._hessian(name, shape) is not None:
+            delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
         if self.alloc == "rd":
             svd = self.factorize(name, ft, base, dtype_name, None)
             order, widths = self.orders[name], self.plans[name]
             svd = Svd(svd.u[order], svd.s[order], svd.v[order])
-            groups = groups_from_widths(widths, self.group_size)
+            coded = self._fit_rd(name, dtype_name, shape, svd, widths, delta, budget)
         else:
-            budget += self.carry
             hint = self._rank_hint(name, dtype_name, shape, budget)
             svd = self.factorize(name, ft, base, dtype_name, hint)
-            groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget,
-                                   rank_cap(svd.s, shape))
-            self.carry = budget - record_cost(name, dtype_name, shape, groups)
-        delta = None
-        if self.stats is not None and self.stats.hessian(name) is not None:
-            delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
-        s, factors = self.quantize(name, shape, svd, groups, delta)
+            coded = self._fit_recipe(name, dtype_name, shape, svd, delta, budget)
+        self.carry += budget - coded.cost
+        return Kind.LOWRANK_MIXED, coded.params, coded.raws
+
+    def _carry_share(self, name, numel: int) -> int:
+        """This matrix's part of the bytes earlier matrices left unspent.
+
+        The recipe shares them in proportion to size.  Under ``rd`` a matrix may take
+        all of them: its plan is already optimal, and the carry only covers a blob
+        that compresses a little worse than planning measured.
+        """
+        if name not in self.budgets or self.pending <= 0:
+            return 0
+        share = self.carry if self.alloc == "rd" else self.carry * numel // self.pending
+        self.pending -= numel
+        self.carry -= share
+        return share
+
+    def _coded(self, name, dtype_name, shape, svd, groups, delta, quantized=None) -> Coded:
+        """The record of ``groups`` and what it will cost stored (after zstd, as the writer will).
+
+        ``quantized`` (from ``_quantize_all``) covers at least ``groups``: it is sliced, not redone.
+        """
+        if quantized is None:
+            quantized = self._quantize_all(name, shape, svd, groups, delta)
+        s, factors = _sliced(quantized, groups)
         params, raws = LowrankMixed.encode(shape, groups, s, factors)
-        return Kind.LOWRANK_MIXED, params, raws
+        stored = len(blobs.encode(raws[0], self.zstd_level)[1]) if raws else None
+        return Coded(groups, params, raws, record_cost(name, dtype_name, shape, groups, stored=stored))
+
+    def _fit_recipe(self, name, dtype_name, shape, svd, delta, budget) -> Coded:
+        """The recipe's groups filled until the *stored* record meets ``budget``.
+
+        The raw size is an upper bound, so the first fit always holds; when zstd
+        shrinks the blob (codes of a vector that is zero over many rows, as in a
+        word-embedding delta), the saving buys more vectors, up to GROW_STEPS tries.
+        """
+        cap = rank_cap(svd.s, shape)
+        groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget, cap)
+        best = self._coded(name, dtype_name, shape, svd, groups, delta)
+        lo, hi = record_cost(name, dtype_name, shape, groups), math.inf  # raw budgets that fit / do not
+        for _ in range(GROW_STEPS):
+            slack = budget - best.cost
+            if slack < GROW_MIN_SLACK * budget or not groups:
+                break
+            shrink = best.cost / record_cost(name, dtype_name, shape, best.groups)
+            trial_budget = min(lo + int(slack / shrink), (lo + hi) // 2 if hi < math.inf else math.inf)
+            trial = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, trial_budget, cap)
+            if trial == best.groups:
+                break
+            coded = self._coded(name, dtype_name, shape, svd, trial, delta)
+            if coded.cost <= budget:
+                best, lo = coded, trial_budget
+            else:
+                hi = trial_budget
+        return best
+
+    def _fit_rd(self, name, dtype_name, shape, svd, widths, delta, budget) -> Coded:
+        """The planned widths; should the stored record overrun ``budget``, the last vectors go."""
+        groups = groups_from_widths(widths, self.group_size)
+        quantized = self._quantize_all(name, shape, svd, groups, delta)
+        keep = widths.size
+        while True:
+            coded = self._coded(name, dtype_name, shape, svd, groups, delta, quantized)
+            if coded.cost <= budget or keep == 0:
+                return coded
+            per_vector = max(coded.cost // keep, 1)
+            keep = max(keep - max((coded.cost - budget) // per_vector, 1), 0)
+            groups = groups_from_widths(widths[:keep], self.group_size)
 
     def _rank_hint(self, name, dtype_name, shape, budget) -> int:
-        """Most vectors the recipe could keep in ``budget``: what a randomized SVD must find."""
-        groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget, min(shape))
+        """Most vectors the recipe could keep in ``budget``: what a randomized SVD must find.
+
+        Counted at raw sizes with a quarter more room: the fit spends what zstd saves
+        on the blob on more vectors (on the 2-bit codes of a dense delta, about 1/6).
+        """
+        groups = recipe_groups(name, dtype_name, shape, self.recipe, self.group_size, budget * 5 // 4, min(shape))
         return sum(g.count for g in groups)
 
     def quantize(self, name, shape, svd: Svd, groups, delta):
         """(S, [(V, U) factors]) of the kept vectors: GPTQ where a Hessian is known, else RTN."""
+        return _sliced(self._quantize_all(name, shape, svd, groups, delta), groups)
+
+    def _quantize_all(self, name, shape, svd: Svd, groups, delta) -> tuple:
+        """(S, V (codes, scales, zeros), U (codes, scales, zeros)) of the vectors ``groups`` cover.
+
+        Any prefix of the result (same widths) is what quantizing that prefix alone
+        would give, but for GPTQ's refitted U, which absorbed the vectors after it:
+        dropping a few tail vectors needs no second pass.
+        """
         k = groups[-1].stop if groups else 0
         s = svd.s[:k].astype(np.float32)
-        bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64) if groups else []
-        h = self.stats.hessian(name) if self.stats is not None else None
         if not k:
-            return s, []
-        if h is None or h.shape != (shape[1], shape[1]):
-            v = quant.rtn(svd.v[:k], bits, self.group_size)
-            u = quant.rtn(svd.u[:k], bits, self.group_size)
-        else:
-            v = gptq.quantize_rows(svd.v[:k], h, bits, self.group_size, self.damp)
-            v_hat = quant.dequantize(*v, self.group_size)
-            u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
-            u = gptq.quantize_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
-        return s, [(Factor(*(a[g.start:g.stop] for a in v)), Factor(*(a[g.start:g.stop] for a in u)))
+            return s, None, None
+        bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64)
+        h = self._hessian(name, shape)
+        if h is None:
+            return s, quant.rtn(svd.v[:k], bits, self.group_size), quant.rtn(svd.u[:k], bits, self.group_size)
+        v = gptq.quantize_rows(svd.v[:k], h, bits, self.group_size, self.damp)
+        v_hat = quant.dequantize(*v, self.group_size)
+        u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
+        u = gptq.quantize_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
+        return s, v, u
+
+    def _hessian(self, name, shape):
+        """The matrix's input Hessian from the calibration statistics (read once per matrix), or None."""
+        if self.stats is None:
+            return None
+        if self._h_name != name:
+            h = self.stats.hessian(name)
+            self._h_name, self._h = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
+        return self._h
+
+
+def _sliced(quantized, groups):
+    """(S, [(V, U) Factor pairs]) of ``groups``, a prefix of the vectors in ``quantized``."""
+    s, v, u = quantized
+    k = groups[-1].stop if groups else 0
+    return s[:k], [(Factor(*(a[g.start:g.stop] for a in v)), Factor(*(a[g.start:g.stop] for a in u)))
                    for g in groups]

@@ -68,7 +68,9 @@ def unsigned_view(array: np.ndarray) -> np.ndarray:
 def to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
     """Values of a storage array as float32 (bf16 widened exactly; fp8 unsupported)."""
     if dtype_name == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        out = array.astype(np.uint32)
+        out <<= 16
+        return out.view(np.float32)
     if dtype_name in ("F16", "F32", "F64"):
         return array.astype(np.float32)
     raise UnknownKindError(f"cannot take float values of dtype {dtype_name}")

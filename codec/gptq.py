@@ -32,11 +32,26 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     h[np.diag_indices(n)] += lam
     while True:  # a Hessian from few tokens may be singular even with damping: damp more
         try:
-            inv = np.linalg.inv(np.linalg.cholesky(h))
-            return np.linalg.cholesky(inv.T @ inv).T
+            return _upper_inverse_factor(h)
         except np.linalg.LinAlgError:
             h[np.diag_indices(n)] += max(lam, 1e-8)
             lam *= 10
+
+
+def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
+    """chol((H)⁻¹)ᵀ, upper; LinAlgError if H is not positive definite.  torch's LAPACK when present
+    (several times faster than numpy's on the matrices here), numpy otherwise."""
+    try:
+        import torch
+    except ImportError:
+        inv = np.linalg.inv(np.linalg.cholesky(h))
+        return np.linalg.cholesky(inv.T @ inv).T
+    low, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+    if info.item() == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+        if info.item() == 0:
+            return upper.numpy()
+    raise np.linalg.LinAlgError("not positive definite")
 
 
 def damped(h: np.ndarray, damp: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from . import dtypes
-from .constants import HEADER_SIZE, KIND_NAMES, Encoding, Kind
+from .constants import HEADER_SIZE, KIND_NAMES, LOSSY_KINDS, Encoding, Kind
 from .reader import DcmFile
 
 # --- plain types and terminal safety -----------------------------------------------
@@ -80,6 +80,21 @@ def _bits(total_bytes: int, params: int):
 # --- the facts -------------------------------------------------------------------
 
 
+def padding_before(dcm: DcmFile) -> dict[int, int]:
+    """Alignment padding in front of each payload, keyed by payload offset.
+
+    Payloads are laid out in offset order from the data section's start; the gap before one
+    is the padding its alignment cost, so it is charged to the payload's owner.
+    """
+    spans = sorted({(b["offset"], b["length"]) for rec in dcm.records() for b in rec.blobs}
+                   | {(a["blob"]["offset"], a["blob"]["length"]) for a in dcm.index.get("attachments", [])})
+    gaps, end = {}, 0  # offsets count from the data section's start
+    for offset, length in spans:
+        gaps[offset] = max(offset - end, 0)
+        end = max(end, offset + length)
+    return gaps
+
+
 def info(path) -> dict:
     """Sizes, kinds and metadata of a .dcm file, as plain types (see module docstring)."""
     with DcmFile(path) as dcm:
@@ -87,9 +102,12 @@ def info(path) -> dict:
         header = dcm.header
         records, kinds = [], {}
         rec_payload = rec_index = params = ft_bytes = 0
+        lossy = {"records": 0, "params": 0, "payload_bytes": 0, "index_bytes": 0, "padding_bytes": 0}
+        gaps = padding_before(dcm)
         for rec in dcm.records():
             removed = rec.kind == Kind.REMOVED
             n = 0 if removed else rec.numel
+            pad = sum(gaps[b["offset"]] for b in rec.blobs)
             row = {
                 "name": rec.name,
                 "kind": rec.kind_name,
@@ -100,9 +118,14 @@ def info(path) -> dict:
                 "payload_bytes": rec.payload_bytes,
                 "index_bytes": rec.index_bytes,
                 "total_bytes": rec.total_bytes,
+                "padding_bytes": pad,
                 "bits_per_param": _bits(rec.total_bytes, n),
             }
             records.append(row)
+            if rec.kind in LOSSY_KINDS:
+                for key, value in (("records", 1), ("params", n), ("payload_bytes", rec.payload_bytes),
+                                   ("index_bytes", rec.index_bytes), ("padding_bytes", pad)):
+                    lossy[key] += value
             k = kinds.setdefault(rec.kind_name, {"records": 0, "params": 0, "payload_bytes": 0,
                                                  "index_bytes": 0, "total_bytes": 0})
             k["records"] += 1
@@ -117,6 +140,8 @@ def info(path) -> dict:
                 ft_bytes += n * dtypes.dtype(rec.dtype).itemsize
         for k in kinds.values():
             k["bits_per_param"] = _bits(k["total_bytes"], k["params"])
+        lossy["bytes"] = lossy["payload_bytes"] + lossy["index_bytes"] + lossy["padding_bytes"]
+        lossy["bits_per_param"] = _bits(lossy["bytes"], lossy["params"])
         # Kinds in registry order, then any others.
         order = [KIND_NAMES[k] for k in Kind if KIND_NAMES[k] in kinds]
         by_kind = {name: kinds[name] for name in order + sorted(set(kinds) - set(order))}
@@ -167,6 +192,9 @@ def info(path) -> dict:
                 "index_other_bytes": index_other,  # method, base digest, attachment entries...
                 "padding_bytes": padding,
                 "bits_per_param": _bits(file_bytes, params),
+                # The lossy records alone, every byte they cost (index entry, payload, the padding
+                # before it): what a method's --ratio budgets.
+                "compressed": lossy,
                 "ratio_vs_dense16": ratio16,
                 "ratio_vs_dense16_str": one_in(ratio16),
                 "ratio_vs_finetune": ratio_ft,
@@ -239,6 +267,13 @@ def format_info(d: dict) -> str:
         f" + payloads {t['record_payload_bytes']} + attachments {t['attachment_stored_bytes']}"
         f" + padding {t['padding_bytes']}",
         f"bits per param:    {_fmt_bits(t['bits_per_param'])}",
+    ]
+    c = t["compressed"]
+    if c["records"]:
+        lines.append(f"compressed:        {c['records']} tensors, {c['params']} params in {c['bytes']} B"
+                     f" (index {c['index_bytes']} + payload {c['payload_bytes']} + padding {c['padding_bytes']})"
+                     f" = {_fmt_bits(c['bits_per_param'])} bits/param")
+    lines += [
         f"vs 16-bit dense:   {_ratio(t['ratio_vs_dense16'], t['ratio_vs_dense16_str'])}",
         f"vs fine-tune:      {_ratio(t['ratio_vs_finetune'], t['ratio_vs_finetune_str'])}"
         f" ({t['finetune_bytes']} B of tensors)",

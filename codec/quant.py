@@ -61,19 +61,24 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits, group_siz
     """Codes (uint8, same shape as x): round-to-nearest onto the grid of (scale, zero)."""
     x = np.asarray(x, dtype=np.float32)
     rows, n = x.shape
-    s = np.repeat(scale.astype(np.float32), group_size, axis=1)[:, :n]
-    z = np.repeat(zero.astype(np.float32), group_size, axis=1)[:, :n]
+    s = scale.astype(np.float32)[:, :, None]  # broadcast over each group's elements
+    z = zero.astype(np.float32)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.round(x / s) + z, z)
-    return np.clip(q, 0, _maxq(bits, rows)[:, None]).astype(np.uint8)
+        q = np.divide(_grouped(x, group_size), s)
+        np.round(q, out=q)
+        q += z
+    np.copyto(q, z, where=~(s > 0))  # a zero scale (an all-zero group): every code is the zero point
+    np.clip(q, 0, _maxq(bits, rows)[:, None, None], out=q)
+    return np.ascontiguousarray(q.astype(np.uint8).reshape(rows, -1)[:, :n])
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> np.ndarray:
     """x̂ = (q − z)·s in float32, exactly as the spec writes it."""
-    n = codes.shape[1]
-    s = np.repeat(scale.astype(np.float32), group_size, axis=1)[:, :n]
-    z = np.repeat(zero.astype(np.float32), group_size, axis=1)[:, :n]
-    return (codes.astype(np.float32) - z) * s
+    rows, n = codes.shape
+    out = _grouped(codes.astype(np.float32), group_size)
+    out -= zero.astype(np.float32)[:, :, None]
+    out *= scale.astype(np.float32)[:, :, None]
+    return np.ascontiguousarray(out.reshape(rows, -1)[:, :n])
 
 
 def rtn(x: np.ndarray, bits, group_size: int):
