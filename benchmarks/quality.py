@@ -29,7 +29,8 @@ Rows, for each ``--ratios`` value (file sizes always come from ``dcm.info``):
 
 - ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe, round-to-nearest;
 - ``gptq``:    the same recipe, quantized with GPTQ on the calibration statistics;
-- ``rd``:      rate–distortion bit allocation, with GPTQ (``rd+gptq``);
+- ``rd``:      rate–distortion bit allocation over the whole file, round-to-nearest (data-free);
+- ``rd-gptq``: the same allocation, quantized with GPTQ (``rd+gptq``);
 - ``lowrank``: plain low-rank baseline computed in memory (no file): for each
   tensor that the ``rtn`` file coded lossily, the top-k singular triplets
   of Δ in fp16 (U·diag(S) and V, (m+n)·2 bytes per vector), k as large as
@@ -277,8 +278,10 @@ def relative_errors(run: Run, decoded: Path, names: list[str]) -> float | None:
 
 
 def _bits_coded(records: list[dict]) -> float | None:
+    """Bits per parameter of ``records``: index entries, payloads and the padding before them."""
     params = sum(r["params"] for r in records)
-    return 8 * sum(r["total_bytes"] for r in records) / params if params else None
+    spent = sum(r["total_bytes"] + r.get("padding_bytes", 0) for r in records)
+    return 8 * spent / params if params else None
 
 
 def file_row(run: Run, label: str, method: str, ratio: str | None, options: dict) -> Row:
@@ -383,6 +386,10 @@ def row_gptq(run: Run, ratio: str) -> Row:
 
 
 def row_rd(run: Run, ratio: str) -> Row:
+    return file_row(run, "delta-come rd", "delta-come", ratio, {"alloc": "rd"})
+
+
+def row_rd_gptq(run: Run, ratio: str) -> Row:
     options = {"alloc": "rd", "calibration": str(calibration_stats(run))}
     return file_row(run, "delta-come rd+gptq", "delta-come", ratio, options)
 
@@ -391,7 +398,8 @@ def row_lossless(run: Run, ratio: str) -> Row:
     return file_row(run, "lossless", "lossless", None, {})
 
 
-ROWS = {"rtn": row_rtn, "gptq": row_gptq, "rd": row_rd, "lowrank": lowrank_row, "lossless": row_lossless}
+ROWS = {"rtn": row_rtn, "gptq": row_gptq, "rd": row_rd, "rd-gptq": row_rd_gptq, "lowrank": lowrank_row,
+        "lossless": row_lossless}
 RATIO_FREE = {"lossless"}  # run once, whatever --ratios says
 
 
@@ -445,7 +453,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", nargs="+", default=["1/8", "1/16", "1/32"])
-    p.add_argument("--rows", nargs="+", default=["rtn", "gptq", "rd", "lowrank"], choices=sorted(ROWS))
+    p.add_argument("--rows", nargs="+", default=["rtn", "gptq", "rd", "rd-gptq", "lowrank"], choices=sorted(ROWS))
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import allocate, blobs, dtypes, gptq, lowrank, quant
-from .constants import DEFAULT_ALIGNMENT, Kind, Packing
+from .constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from .errors import UsageError
 from .index import packed_len
 from .lowrank import BitGroup, Factor
@@ -64,6 +64,8 @@ def parse_recipe(text) -> tuple:
         out.append((b, c))
     if not out:
         raise UsageError("empty recipe")
+    if len(out) > MAX_BIT_GROUPS:
+        raise UsageError(f"a recipe of {len(out)} items: a record holds at most {MAX_BIT_GROUPS} bit groups")
     return tuple(out)
 
 

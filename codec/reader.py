@@ -235,6 +235,11 @@ class DcmFile:
             raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor")
         return kind.decode(self._raw[name], self.iter_raw_blobs(rec), base if kind.needs_base else None)
 
+    def check_payload(self, name: str) -> None:
+        """Check a record's blobs as far as possible without its base (CRCs, frames, sizes, layout)."""
+        rec = self.record(name)
+        records.KINDS[rec.kind].check_payload(self._raw[name], self.iter_raw_blobs(rec))
+
     def delta(self, name: str, base: np.ndarray | None = None) -> np.ndarray:
         """Δ = W_ft − W_base as float32 values (exact kinds need ``base`` to compute it)."""
         rec = self.record(name)

@@ -121,6 +121,11 @@ class RecordKind:
     def validate(self, rec: dict, where: str) -> None:
         raise NotImplementedError
 
+    def check_payload(self, rec: dict, raws) -> None:
+        """Check what the payload alone can show (no base): by default, that every blob decodes."""
+        for _ in map(len, raws):  # one blob alive at a time
+            pass
+
     def decode(self, rec: dict, raws, base) -> np.ndarray | None:
         """The fine-tuned tensor from the record's raw blobs (any iterable, see ``from_layout``)
         and, where the kind needs it, the base: an array or a stream (see ``as_reader``)."""
@@ -292,6 +297,13 @@ class LowrankMixed(RecordKind):
             return np.zeros(shape, dtype=np.float32)
         s, factors = lowrank.unpack_blob(raws[0], shape, groups, rec["name"])
         return lowrank.delta(shape, groups, s, factors)
+
+    def check_payload(self, rec, raws) -> None:
+        """The blob's layout and values (zero padding, finite S and scales), without the base."""
+        shape = tuple(rec["shape"])
+        groups = lowrank.parse_groups(rec["params"], shape, rec["name"])
+        for raw in raws:
+            lowrank.unpack_blob(raw, shape, groups, rec["name"])
 
     def decode(self, rec, raws, base):
         delta = self.delta(rec, raws)

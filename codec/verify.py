@@ -57,13 +57,6 @@ def _check_tensor(rec: Record, array) -> None:
                            f"{rec.dtype}{list(rec.shape)}")
 
 
-def _check_raw_blobs(dcm: DcmFile, rec: Record) -> None:
-    # Decoding a blob checks its CRC, its frame and that it yields raw_length bytes;
-    # map(len, ...) drops each blob at once, so one lives at a time.
-    for _ in map(len, dcm.iter_raw_blobs(rec)):
-        pass
-
-
 def verify(path, base=None, progress: bool = False) -> VerifyReport:
     """Check ``path`` fully; with ``base`` (model dir or .safetensors), decode against it too."""
     started = time.perf_counter()
@@ -101,6 +94,6 @@ def _verify_record(dcm: DcmFile, rec: Record, base_ckpt: Checkpoint | None) -> N
     if base_ckpt is not None and rec.base is not None:
         _check_tensor(rec, rebuild(dcm, base_ckpt, rec.name))  # as decode does it, base streamed
     elif records.KINDS[rec.kind].needs_base:  # open() rejected unknown kinds
-        _check_raw_blobs(dcm, rec)  # no base: the payload's CRCs, frames and sizes only
+        dcm.check_payload(rec.name)  # no base: CRCs, frames, sizes and what the kind checks alone
     else:
         _check_tensor(rec, dcm.tensor_from(rec.name))

@@ -163,7 +163,8 @@ def test_parse_recipe(text, recipe):
     assert parse_recipe(deltacome.recipe_text(recipe)) == recipe
 
 
-@pytest.mark.parametrize("text", ["9:2", "0:2", "8:-1", "2,8:2", "", ",", "a:b", "8:x", "8:2:1", "3.5:2"])
+@pytest.mark.parametrize("text", ["9:2", "0:2", "8:-1", "2,8:2", "", ",", "a:b", "8:x", "8:2:1", "3.5:2",
+                                  "8:1," * 64 + "2"])  # 65 items: more bit groups than a record may hold
 def test_parse_recipe_rejects(text):
     with pytest.raises(UsageError):
         parse_recipe(text)

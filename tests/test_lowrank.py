@@ -835,6 +835,8 @@ def test_file_payload_checks_on_read(lowrank_file):
     with dcm.open(path) as f:
         with pytest.raises(PayloadError):
             f.tensor("w", w)
+    with pytest.raises(PayloadError):  # verify finds it without the base too
+        dcm.verify(path)
     # back to valid: same tensor as before (the rewrite helper does not change anything else)
     _replace_payload(path, lambda raw: bytes(struct.pack("<f", 1.0) + raw[4:]))
     with dcm.open(path) as f:
@@ -846,10 +848,13 @@ def test_file_payload_checks_on_read(lowrank_file):
             gap = pos
         pos = offset + size
     assert gap is not None
+    dcm.verify(path)
     _replace_payload(path, _set_byte(gap, 1))
     with dcm.open(path) as f:
         with pytest.raises(PayloadError):
             f.tensor("w", w)
+    with pytest.raises(PayloadError):
+        dcm.verify(path)
 
 
 @pytest.mark.parametrize("dtype_name", ["F32", "F16", "BF16"])
