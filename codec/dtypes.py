@@ -66,7 +66,7 @@ def unsigned_view(array: np.ndarray) -> np.ndarray:
 
 
 def to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
-    """Values of a storage array as float32 (bf16 widened exactly; fp8 unsupported)."""
+    """Values of a storage array as float32, in a new array (bf16 widened exactly; fp8 unsupported)."""
     if dtype_name == "BF16":
         out = array.astype(np.uint32)
         out <<= 16

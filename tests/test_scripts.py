@@ -1,12 +1,14 @@
-"""Fast checks of the helper scripts (scripts/, benchmarks/memory.py): no network, small files."""
+"""Fast checks of the helper scripts (scripts/, benchmarks/): no network, small files."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import subprocess
 import sys
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ def _load(relpath: str):
 
 fetch = _load("scripts/fetch_real_pair.py")
 membench = _load("benchmarks/memory.py")
+encode_speed = _load("benchmarks/encode_speed.py")
 
 
 def test_shell_scripts_parse():
@@ -122,3 +125,36 @@ def test_memory_benchmark_runs_small(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bit-exact: 10/10 tensors" in proc.stdout
     assert not (tmp_path / "mb" / "base").exists()  # cleaned up without --keep
+
+
+# --- benchmarks/encode_speed.py ----------------------------------------------------
+
+
+def test_encode_speed_pair_has_the_asked_spectrum(tmp_path):
+    base, ft = encode_speed.generate(tmp_path, 64, "F16", decay=0.8, delta_scale=0.05, seed=0)
+    delta, base_array = encode_speed.true_delta(base, ft)
+    assert delta.shape == (64, 64) and base_array.dtype == np.float16
+    s = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
+    want = encode_speed.spectrum(64, 0.8)
+    want *= s[0] / want[0]
+    np.testing.assert_allclose(s[:8], want[:8], rtol=0.05)  # the head, above fp16's rounding floor
+
+
+def test_encode_speed_runs_small(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/encode_speed.py"), "--size", "256", "--repeats", "1",
+         "--ratios", "1/16,1/32", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x SVD" in proc.stdout and "torch.linalg.svd" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["svd"], r["ratio"]) for r in rows] == [
+        ("-", "-"), ("exact", "1/16"), ("randomized", "1/16"), ("exact", "1/32"), ("randomized", "1/32")]
+    for r in rows[1:]:
+        assert r["seconds"] > 0 and r["x_svd"] > 0
+        assert r["bits_per_param"] <= 16 * float(Fraction(r["ratio"])) + 1  # the budget, plus the header
+        assert 0 < r["rel_error"] < 1 and r["rank"] > 0
+    for r in rows[2::2]:
+        assert abs(r["error_cost"]) < 0.05, r
