@@ -65,14 +65,15 @@ class Candidates:
         from .deltacome import rank_cap
 
         k = rank_cap(svd.s, shape)
+        options = np.array([0, *widths])
+        if not k:
+            return cls(name, dtype, tuple(shape), options,
+                       np.array([0.0] + [vector_bytes(shape, b, group_size) for b in widths]),
+                       np.zeros((0, len(options))))
         u, v = svd.u[:k], svd.v[:k]
         s2 = svd.s[:k].astype(np.float64) ** 2
         wu, wv = weigh(u, u_side), weigh(v, v_side)
         dist, cost = [s2 * wu * wv], [0.0]
-        if not k:
-            return cls(name, dtype, tuple(shape), np.array([0, *widths]),
-                       np.array([0.0] + [vector_bytes(shape, b, group_size) for b in widths]),
-                       np.zeros((0, len(widths) + 1)))
         for b in widths:
             qu, qv = quant.rtn(u, b, group_size), quant.rtn(v, b, group_size)
             du = u - quant.dequantize(*qu, group_size)
@@ -80,7 +81,7 @@ class Candidates:
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
             shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
             cost.append(vector_bytes(shape, b, group_size) * shrink)
-        return cls(name, dtype, tuple(shape), np.array([0, *widths]), np.array(cost), np.stack(dist, axis=1))
+        return cls(name, dtype, tuple(shape), options, np.array(cost), np.stack(dist, axis=1))
 
     def choose(self, lam: float) -> np.ndarray:
         """Each vector's width minimising D + λ·bytes."""

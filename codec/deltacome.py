@@ -235,7 +235,6 @@ class Coded:
     cost: int
 
 
-
 @register
 class DeltaCoMe(Method):
     name = "delta-come"
@@ -355,13 +354,10 @@ class DeltaCoMe(Method):
         self.carry = total - sum(self.budgets.values())
 
     def _metric(self, name, shape):
-        """(output-side, input-side) weights of the error: None (identity), a diagonal or a Hessian."""
-        if self.metric == "weights" or self.stats is None:
+        """(output-side, input-side) weights of the error: None (identity) or the input Hessian."""
+        if self.metric == "weights":
             return None, None
-        h = self.stats.hessian(name)
-        if h is not None and h.shape == (shape[1], shape[1]):
-            return None, h
-        return None, None
+        return None, self._hessian(name, shape)
 
     # --- encoding ------------------------------------------------------------------------
 
@@ -381,8 +377,8 @@ class DeltaCoMe(Method):
         if budget is None:  # not planned (a direct call): this matrix alone at the ratio
             budget = int(self.ratio * 16 * math.prod(shape)) // 8
         budget += self._carry_share(name, math.prod(shape))
-        delta = None
-        if self._hessian(name, shape) is not None:
+        delta = None  # only the U refit reads Δ itself
+        if self.refit and self._hessian(name, shape) is not None:
             delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
         if self.alloc == "rd":
             svd = self.factorize(name, ft, base, dtype_name, self.hints.get(name))  # as planned
