@@ -25,26 +25,32 @@ evenly sampled).  The GPTQ rows calibrate on a different text, the topic
 pages of ``pydoc_data.topics``, so the evaluation text is never seen during
 encoding.
 
-Rows, for each ``--ratios`` value (file sizes always come from ``dcm.info``):
+Rows, for each ``--ratios`` value (file sizes always come from ``dcm.info``);
+every row is a file that ``dcm.encode`` wrote at that ratio:
 
 - ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe, round-to-nearest;
 - ``gptq``:    the same recipe, quantized with GPTQ on the calibration statistics;
 - ``rd``:      rate–distortion bit allocation over the whole file, round-to-nearest (data-free);
 - ``rd-gptq``: the same allocation, quantized with GPTQ (``rd+gptq``);
-- ``lowrank``: plain low-rank baseline computed in memory (no file): for each
-  tensor that the ``rtn`` file coded lossily, the top-k singular triplets
-  of Δ in fp16 (U·diag(S) and V, (m+n)·2 bytes per vector), k as large as
-  that record's bytes allow; the other tensors as in the ``rtn`` file;
+- ``impart``:  ImPart, sparse singular vectors in float16;
+- ``impart-qt``, ``impart-qt-gptq``: ImPart-Qt, the sparse vectors quantized 8/3/2 (RTN, GPTQ);
+- ``lowrank``: the top-k singular triplets in float16;
+- ``dare``:    random drop with rescale, survivors in float16;
+- ``bitdelta``: sign bits and a scale per row (the rows with the largest scales, under a ratio);
 - ``lossless`` (plumbing check): the lossless method; gain 1, error 0.
+
+After the table, two comparisons: whether ImPart at ratio r reaches the gain
+of DARE and low-rank at 2r (the ImPart paper's claim), and ImPart-Qt against
+Delta-CoMe at the same ratio (the bytes of both files are in the lines).
 
 Columns: file bytes; bits per parameter of the whole file; bits per parameter
 of the coded tensors only (the lossy records; for a file without any, the
 2-D float matrices a lossy method would code); the mean relative Frobenius
 error ‖Δ̂ − Δ‖ / ‖Δ‖ over those tensors (fp64); the gain.
 
-    python benchmarks/quality.py                                   # every row, 1/8 1/16 1/32
+    python benchmarks/quality.py                                   # every row, 1/8 .. 1/64
     python benchmarks/quality.py --rows lossless --ratios 1/16     # plumbing only
-    python benchmarks/quality.py --rows rtn lowrank --json out/quality/rows.json
+    python benchmarks/quality.py --rows impart dare lowrank --json out/quality/rows.json
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import dcm
@@ -191,7 +198,6 @@ class Run:
     baseline: float  # mean ‖e_base − e_ft‖
     calib_tokens: int
     keep: bool
-    lowrank_reference: str
     files: dict = field(default_factory=dict)  # (label, ratio) -> encoded path
     stats: Path | None = None
 
@@ -302,104 +308,39 @@ def file_row(run: Run, label: str, method: str, ratio: str | None, options: dict
                len(coded), rel, gain, time.perf_counter() - started, call)
 
 
-# --- the plain low-rank baseline (in memory) ---------------------------------------------
-
-
-def lowrank_delta(delta, budget_bytes: int):
-    """Top-k approximation of ``delta`` (float32 torch) stored as fp16 U·diag(S) and V; (Δ̂, k)."""
-    import torch
-
-    m, n = delta.shape
-    k = min(max(0, budget_bytes // ((m + n) * 2)), m, n)
-    if k == 0:
-        return torch.zeros_like(delta), 0
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    us = (u[:, :k] * s[:k]).half().float()
-    return us @ vh[:k].half().float(), k
-
-
-def _state_key(state: dict, name: str, prefix: str) -> str:
-    for key in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-        if key in state:
-            return key
-    raise SystemExit(f"tensor {name!r} has no parameter in the model")
-
-
-def lowrank_row(run: Run, ratio: str) -> Row:
-    """Plain low-rank at the byte budget of each lossy record of the reference file."""
-    import torch
-
-    started = time.perf_counter()
-    label, method, options = REFERENCES[run.lowrank_reference]
-    path, _ = encode(run, label, method, ratio if method != "lossless" else None, options)
-    info = dcm.info(path)
-    coded = coded_records(info)
-    saved, errors, stored = 0, [], []
-    with tempfile.TemporaryDirectory(dir=run.out, prefix="decoded-") as tmp:
-        decoded = Path(tmp) / "model"
-        dcm.decode(path, run.base, decoded, overwrite=True)
-        # Tensors the reference stored exactly stay as decoded; cloned off the (mapped) file.
-        model = load_model(decoded)
-        state = {key: value.clone() for key, value in model.state_dict().items()}
-    with Checkpoint(run.base) as base, Checkpoint(run.ft) as ft, torch.no_grad():
-        for rec in coded:
-            w_base = torch.from_numpy(_floats(base, rec["name"])).float()
-            w_ft = _floats(ft, rec["name"])
-            budget = rec["total_bytes"] - rec["index_bytes"]
-            delta_hat, k = lowrank_delta(torch.from_numpy(w_ft).float() - w_base, budget)
-            w_hat = w_base + delta_hat
-            state[_state_key(state, rec["name"], model.base_model_prefix)].copy_(w_hat)
-            used = k * sum(rec["shape"]) * 2
-            saved += budget - used
-            stored.append(rec["index_bytes"] + used)
-            norm = np.linalg.norm(w_ft - w_base.double().numpy())
-            if norm > 0:
-                errors.append(np.linalg.norm(w_hat.double().numpy() - w_ft) / norm)
-    model.load_state_dict(state)
-    gain = run.gain(embed(model, run.batches))
-    params = sum(r["params"] for r in coded)
-    file_bytes = info["totals"]["file_bytes"] - saved  # the reference file with these payloads instead
-    call = f"in memory: top-k SVD of Δ at the record bytes of {path.name}"
-    return Row("lowrank top-k fp16", ratio, file_bytes, 8 * file_bytes / info["totals"]["params"],
-               8 * sum(stored) / params if params else None, len(coded),
-               float(np.mean(errors)) if errors else None, gain, time.perf_counter() - started, call,
-               note="no file; bytes = reference file with low-rank payloads")
-
-
 # --- the rows ------------------------------------------------------------------------------
 
-# Reference files for the low-rank baseline: (label, method, options).  ``lossless`` only
-# exercises the plumbing until delta-come exists.
-REFERENCES = {
-    "rtn": ("delta-come rtn", "delta-come", {"alloc": "recipe"}),
-    "lossless": ("lossless", "lossless", {}),
+# label -> (method, options, calibrated): every row is a file written by dcm.encode.
+METHOD_ROWS = {
+    "rtn": ("delta-come rtn", "delta-come", {"alloc": "recipe"}, False),
+    "gptq": ("delta-come gptq", "delta-come", {"alloc": "recipe"}, True),
+    "rd": ("delta-come rd", "delta-come", {"alloc": "rd"}, False),
+    "rd-gptq": ("delta-come rd+gptq", "delta-come", {"alloc": "rd"}, True),
+    "impart": ("impart", "impart", {}, False),
+    "impart-qt": ("impart-qt rtn", "impart-qt", {}, False),
+    "impart-qt-gptq": ("impart-qt gptq", "impart-qt", {}, True),
+    "lowrank": ("lowrank fp16", "lowrank", {}, False),
+    "dare": ("dare", "dare", {}, False),
+    "bitdelta": ("bitdelta", "bitdelta", {}, False),
 }
 
 
-def row_rtn(run: Run, ratio: str) -> Row:
-    return file_row(run, *REFERENCES["rtn"][:2], ratio, REFERENCES["rtn"][2])
+def method_row(key: str):
+    label, method, options, calibrated = METHOD_ROWS[key]
 
-
-def row_gptq(run: Run, ratio: str) -> Row:
-    options = {"alloc": "recipe", "calibration": str(calibration_stats(run))}
-    return file_row(run, "delta-come gptq", "delta-come", ratio, options)
-
-
-def row_rd(run: Run, ratio: str) -> Row:
-    return file_row(run, "delta-come rd", "delta-come", ratio, {"alloc": "rd"})
-
-
-def row_rd_gptq(run: Run, ratio: str) -> Row:
-    options = {"alloc": "rd", "calibration": str(calibration_stats(run))}
-    return file_row(run, "delta-come rd+gptq", "delta-come", ratio, options)
+    def row(run: Run, ratio: str) -> Row:
+        opts = dict(options)
+        if calibrated:
+            opts["calibration"] = str(calibration_stats(run))
+        return file_row(run, label, method, ratio, opts)
+    return row
 
 
 def row_lossless(run: Run, ratio: str) -> Row:
     return file_row(run, "lossless", "lossless", None, {})
 
 
-ROWS = {"rtn": row_rtn, "gptq": row_gptq, "rd": row_rd, "rd-gptq": row_rd_gptq, "lowrank": lowrank_row,
-        "lossless": row_lossless}
+ROWS = {**{key: method_row(key) for key in METHOD_ROWS}, "lossless": row_lossless}
 RATIO_FREE = {"lossless"}  # run once, whatever --ratios says
 
 
@@ -422,6 +363,37 @@ def format_table(rows: list[Row]) -> str:
         return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def _ratio_value(text: str) -> Fraction | None:
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def compare(rows: list[Row]) -> list[str]:
+    """The two claims the table answers: ImPart at 2x the ratio vs DARE and low-rank; ImPart-Qt vs Delta-CoMe."""
+    gain = {(r.label, _ratio_value(r.ratio)): r for r in rows}
+    lines = []
+    for (label, ratio), row in sorted(gain.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0))):
+        if label != "impart" or ratio is None:
+            continue
+        for other in ("dare", "lowrank fp16"):
+            ref = gain.get((other, ratio * 2))
+            if ref is not None:
+                verdict = "reaches" if row.gain >= ref.gain else "does not reach"
+                lines.append(f"impart at {row.ratio} (gain {row.gain:.4f}) {verdict} {other} at 2x the ratio, "
+                             f"{ref.ratio} (gain {ref.gain:.4f})")
+    for (label, ratio), row in sorted(gain.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0))):
+        if not label.startswith("impart-qt"):
+            continue
+        ref_label = "delta-come gptq" if label.endswith("gptq") else "delta-come rtn"
+        ref = gain.get((ref_label, ratio))
+        if ref is not None:
+            lines.append(f"{label} at {row.ratio}: gain {row.gain:.4f} in {row.file_bytes} bytes; "
+                         f"{ref_label}: {ref.gain:.4f} in {ref.file_bytes} bytes ({row.gain - ref.gain:+.4f})")
+    return lines
 
 
 def _environment() -> dict:
@@ -452,8 +424,8 @@ def ensure_pair(base: Path, ft: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratios", nargs="+", default=["1/8", "1/16", "1/32"])
-    p.add_argument("--rows", nargs="+", default=["rtn", "gptq", "rd", "rd-gptq", "lowrank"], choices=sorted(ROWS))
+    p.add_argument("--ratios", nargs="+", default=["1/8", "1/16", "1/32", "1/64"])
+    p.add_argument("--rows", nargs="+", default=[k for k in ROWS if k != "lossless"], choices=sorted(ROWS))
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -461,8 +433,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune", type=Path, default=DEFAULT_FT)
     p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     p.add_argument("--keep", action="store_true", help="keep the decoded checkpoints under --out")
-    p.add_argument("--lowrank-reference", choices=sorted(REFERENCES), default="rtn",
-                   help="file whose record bytes the lowrank row matches (lossless: plumbing check)")
     args = p.parse_args(argv)
     if args.sentences < 1:
         p.error("--sentences must be positive")
@@ -478,7 +448,7 @@ def prepare(args) -> Run:
     batches = tokenize(tokenizer, stdlib_sentences(args.sentences))
     e_base, e_ft = embed(load_model(args.base), batches), embed(load_model(args.finetune), batches)
     return Run(args.base, args.finetune, args.out, batches, e_ft, mean_distance(e_base, e_ft),
-               args.calib_tokens, args.keep, args.lowrank_reference)
+               args.calib_tokens, args.keep)
 
 
 def main(argv=None) -> int:
@@ -501,6 +471,9 @@ def main(argv=None) -> int:
                   flush=True)
     print()
     print(format_table(rows))
+    comparisons = compare(rows)
+    if comparisons:
+        print("\n" + "\n".join(comparisons))
     print(f"\nbaseline distance mean‖e_base − e_ft‖ = {run.baseline:.6f}; "
           f"total {time.perf_counter() - started:.1f} s")
     if args.json:

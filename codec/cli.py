@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never apply the method to tensors matching these patterns")
     p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.dcm if it exists")
-    g = p.add_argument_group("delta-come")
+    g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
                    help="bit widths from the paper's fixed recipe (default) or by rate-distortion over the file")
     g.add_argument("--svd", choices=("exact", "randomized"), default=None, help="SVD (default: exact)")
@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed recipe, bits:count, the last count open (default: 8:2,3:32,2)")
     g.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="elements per scale and zero point (default: 128)")
+    g = p.add_argument_group("impart, impart-qt, dare")
+    g.add_argument("--mask", choices=("auto", "hash", "bitmask"), default=None,
+                   help="kept positions regenerated from a hash (no bytes), stored as bits, or the smaller "
+                        "of the two per tensor (default: auto)")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="seed of the random masks (default: 0)")
+    g.add_argument("--beta", type=float, default=None, metavar="B",
+                   help="impart: share of the smallest singular vectors dropped outright (default: 0.6)")
+    g.add_argument("--power", type=float, default=None, metavar="C",
+                   help="impart: importance = singular value to this power (default: 0.5)")
+    g = p.add_argument_group("bitdelta")
+    g.add_argument("--scales", choices=("row", "matrix"), default=None,
+                   help="one scale per row (default) or per matrix")
     p.set_defaults(func=cmd_encode)
 
     p = add("calibrate", "collect per-layer input statistics of a model on a text, for GPTQ")
@@ -152,9 +164,8 @@ def cmd_encode(args) -> int:
     with Checkpoint(args.finetune) as ft:
         for relpath, reason in ft.skipped_attachments():
             _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
-    names = {"alloc": "alloc", "svd": "svd", "calibration": "calibration", "recipe": "recipe",
-             "group_size": "group_size"}
-    options = {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr) is not None}
+    names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args))

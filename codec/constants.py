@@ -9,7 +9,7 @@ import enum
 
 MAGIC = b"\x89DCM\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # the newest minor version this code reads and writes
+VERSION_MINOR = 2  # the newest minor version this code reads and writes
 
 HEADER_SIZE = 64
 HEADER_CRC_OFFSET = 60  # the CRC-32 field; it covers header bytes [0, 60) then the index
@@ -54,6 +54,10 @@ class Kind(enum.IntEnum):
     FULL = 2  # the fine-tuned tensor stored whole
     REMOVED = 3  # a base tensor the fine-tune does not have
     LOWRANK_MIXED = 4  # W_base + U·diag(S)·Vᵀ, U and V quantized in bit groups
+    SPARSE_LOWRANK = 5  # W_base + U·diag(S)·Vᵀ with sparse U and V (ImPart), float16 or quantized
+    SIGN = 6  # W_base + scale·sign (BitDelta)
+    LOWRANK = 7  # W_base + U·diag(S)·Vᵀ, U and V in float16
+    SPARSE = 8  # W_base + the kept elements of Δ (DARE)
 
 
 KIND_NAMES = {
@@ -61,14 +65,19 @@ KIND_NAMES = {
     Kind.FULL: "full",
     Kind.REMOVED: "removed",
     Kind.LOWRANK_MIXED: "lowrank-mixed",
+    Kind.SPARSE_LOWRANK: "sparse-lowrank",
+    Kind.SIGN: "sign",
+    Kind.LOWRANK: "lowrank",
+    Kind.SPARSE: "sparse",
 }
 
 # The minor version that defined each kind: a writer writes the lowest minor version
 # covering the kinds its file uses (spec section 4), so lossless files stay 1.0.
-KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1}
+KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1,
+              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2}
 
 # Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors).
-LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED})
+LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE})
 
 
 class Transform(enum.IntEnum):
@@ -88,3 +97,17 @@ class Packing(enum.IntEnum):
 class Layout(enum.IntEnum):
     PLAIN = 0  # one blob: the elements, little-endian, C order
     BYTE_PLANES = 1  # one blob per byte of the element, least significant byte first
+
+
+class MaskEncoding(enum.IntEnum):
+    """How a sparse record says which elements it kept (param "mask")."""
+
+    HASH = 1  # regenerated from the record's seed and drop thresholds (spec section 10.8): no bytes
+    BITMASK = 2  # one stored bit per element, 1 = kept
+
+
+class SignScales(enum.IntEnum):
+    """How many scales a sign record has (param "scales")."""
+
+    MATRIX = 0  # one for the whole matrix
+    ROW = 1  # one per row

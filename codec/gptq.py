@@ -138,3 +138,98 @@ def u_hessian(v_hat: np.ndarray, s: np.ndarray, h: np.ndarray) -> np.ndarray:
     """E[tᵀt] for t = x·V̂ᵀ·diag(S): the Hessian U is quantized against."""
     a = v_hat.T.astype(np.float64) * s.astype(np.float64)
     return a.T @ h @ a
+
+
+# --- sparse factors (ImPart-Qt) -------------------------------------------------------
+#
+# Only kept elements are coded, in quantization groups of ``group_size``
+# consecutive kept elements of a vector.  A dropped element is "quantized" to 0:
+# whatever error feedback moved it to is error like any other, and is spread
+# over what is not yet quantized.
+
+
+def _fit_rows(values: np.ndarray, bits: np.ndarray):
+    """(scales, zeros) of one quantization group per row of ``values`` (zero-padded rows)."""
+    scale, zero = quant.fit(values, bits, values.shape[1])
+    return scale[:, 0], zero[:, 0]
+
+
+def quantize_rows_masked(w: np.ndarray, keep: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int,
+                         damp: float = 0.01, block: int = 128):
+    """GPTQ of the kept elements of w (rows, n) against input Hessian h (n, n).
+
+    Returns ([(codes, scales, zeros)] per row, dequantized w as a dense float32 array).
+    A row's group is fitted when its first element comes up, on the current values
+    of its ``group_size`` kept elements (those in later blocks not yet updated, as in GPTQ).
+    """
+    w = np.where(keep, w, 0).astype(np.float64)
+    rows, n = w.shape
+    w[:, np.diag(h) <= 0] = 0
+    hinv = _inverse_cholesky(h, damp)
+    position = np.cumsum(keep, axis=1) - 1  # compacted index of each kept element
+    columns = [np.flatnonzero(keep[r]) for r in range(rows)]
+    codes = [np.empty(c.size, dtype=np.uint8) for c in columns]
+    scales = [[] for _ in range(rows)]
+    zeros = [[] for _ in range(rows)]
+    scale_now = np.zeros(rows, dtype=np.float32)
+    zero_now = np.zeros(rows, dtype=np.float32)
+    maxq = ((1 << bits.astype(np.int64)) - 1).astype(np.float32)
+    out = np.zeros((rows, n), dtype=np.float32)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        err = np.zeros((rows, i2 - i1))
+        for j in range(i1, i2):
+            kept = keep[:, j]
+            starts = np.flatnonzero(kept & (position[:, j] % group_size == 0))
+            if starts.size:
+                vals = np.zeros((starts.size, group_size))
+                for t, r in enumerate(starts):
+                    cols = columns[r][position[r, j]:position[r, j] + group_size]
+                    vals[t, :cols.size] = w[r, cols]
+                s_new, z_new = _fit_rows(vals, bits[starts])
+                scale_now[starts], zero_now[starts] = s_new.astype(np.float32), z_new
+                for t, r in enumerate(starts):
+                    scales[r].append(s_new[t])
+                    zeros[r].append(z_new[t])
+            col = w[:, j]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.where(scale_now > 0, np.round(col / scale_now) + zero_now, zero_now)
+            q = np.clip(q, 0, maxq)
+            deq = np.where(kept, (q.astype(np.float32) - zero_now) * scale_now, 0)
+            for r in np.flatnonzero(kept):
+                codes[r][position[r, j]] = q[r]
+            out[:, j] = deq
+            e = (col - deq) / hinv[j, j]
+            w[:, j + 1:i2] -= e[:, None] * hinv[j, j + 1:i2]
+            err[:, j - i1] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    result = [(codes[r], np.array(scales[r], dtype=quant.SCALE_DTYPE), np.array(zeros[r], dtype=np.uint8))
+              for r in range(rows)]
+    return result, out
+
+
+def quantize_columns_masked(w: np.ndarray, keep: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int,
+                            damp: float = 0.01):
+    """GPTQ of the kept elements of the vectors of u (k, m) against h (k, k), vector by vector.
+
+    Returns ([(codes, scales, zeros)] per vector, dequantized u as a dense float32 array).
+    """
+    w = np.where(keep, w, 0).astype(np.float64)
+    k, m = w.shape
+    hinv = _inverse_cholesky(h, damp)
+    out = np.zeros((k, m), dtype=np.float32)
+    result = []
+    for i in range(k):
+        cols = np.flatnonzero(keep[i])
+        count = cols.size
+        ng = quant.group_count(count, group_size)
+        padded = np.zeros((ng, group_size), dtype=np.float32)
+        padded.reshape(-1)[:count] = w[i, cols]
+        scale, zero = quant.fit(padded, int(bits[i]), group_size)
+        q = quant.quantize(padded, scale, zero, int(bits[i]), group_size)
+        deq = quant.dequantize(q, scale, zero, group_size).reshape(-1)[:count]
+        out[i, cols] = deq
+        result.append((q.reshape(-1)[:count].copy(), scale[:, 0].copy(), zero[:, 0].copy()))
+        e = (w[i] - out[i]) / hinv[i, i]
+        w[i + 1:] -= hinv[i, i + 1:, None] * e
+    return result, out

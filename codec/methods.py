@@ -107,6 +107,62 @@ class Lossless(Method):
     name = "lossless"
 
 
+class BudgetedMethod(Method):
+    """A lossy method that codes each selected matrix's Δ within a share of the file's byte budget.
+
+    Subclasses give the cheapest record's cost (``empty_cost``) and code one
+    matrix (``code``) into a ``budget.Coded`` whose cost is at most the bytes given.
+    """
+
+    takes_ratio = True
+    default_ratio: str | None = "1/16"
+
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, seed: int = 0):
+        super().__init__(ratio if ratio is not None else self.default_ratio, include, exclude, zstd_level)
+        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise UsageError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+        self.seed = seed
+        self.budget = None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "seed": self.seed}
+
+    def wants_tensor(self, name, dtype_name, shape) -> bool:
+        return dtype_name in ("F32", "F16", "BF16") and self.selection.selects(name, dtype_name, shape)
+
+    def empty_cost(self, info) -> int:
+        raise NotImplementedError
+
+    def plan(self, tensors, load) -> None:
+        if self.ratio is None:
+            return
+        from .budget import FileBudget
+        self.budget = FileBudget(self.ratio, tensors, self.empty_cost)
+        if self.budget.overspent():
+            need = sum(self.empty_cost(t) for t in tensors)
+            raise UsageError(f"method {self.name!r} at ratio {self.ratio}: the {len(tensors)} matrices need at "
+                             f"least {need} bytes, the budget is {self.budget.total}; raise the ratio or --exclude "
+                             f"small tensors")
+
+    def encode_tensor(self, name, ft, base, dtype_name):
+        numel = ft.size
+        if self.ratio is None:
+            budget = None
+        elif self.budget is not None:
+            budget = self.budget.take(name, numel, self.ratio)
+        else:  # not planned (a direct call): this matrix alone at the ratio
+            budget = int(self.ratio * 16 * numel) // 8
+        delta = dtypes.to_float32(ft, dtype_name)
+        delta -= dtypes.to_float32(base, dtype_name)
+        coded = self.code(name, dtype_name, ft.shape, delta, budget)
+        if self.budget is not None:
+            self.budget.spend(budget, coded.cost)
+        return coded.kind, coded.params, coded.raws
+
+    def code(self, name, dtype_name, shape, delta, budget):
+        raise NotImplementedError
+
+
 def get_method(name: str, options: dict | None = None, **kwargs) -> Method:
     """The method ``name`` built with the common arguments and its own ``options``."""
     try:
@@ -119,4 +175,4 @@ def get_method(name: str, options: dict | None = None, **kwargs) -> Method:
         raise UsageError(f"method {name!r}: {e}") from None
 
 
-from . import deltacome  # noqa: E402,F401  (registers itself; it builds on Method)
+from . import baselines, deltacome, impart  # noqa: E402,F401  (register themselves; they build on Method)

@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 
-from . import dtypes, lowrank
-from .constants import MAX_ELEMENTS, KIND_NAMES, Kind, Layout, Packing, Transform
+from . import baseline_payloads, dtypes, lowrank, masks, sections, sparse_lowrank
+from .constants import (MAX_ELEMENTS, KIND_NAMES, Kind, Layout, MaskEncoding, Packing, SignScales,
+                        Transform)
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
 
@@ -261,11 +262,60 @@ class Removed(RecordKind):
         return None
 
 
-class LowrankMixed(RecordKind):
+class AdditiveKind(RecordKind):
+    """A kind that stores an approximate Δ̂ of a float matrix: W = round_dtype(float32(W_base) + Δ̂)."""
+
+    needs_base = True
+    two_dimensional = True
+
+    def _check_record(self, rec, where):
+        """Dtype, shape and base reference: what every additive kind requires (spec 10.7)."""
+        if rec["dtype"] not in lowrank.DTYPES or (self.two_dimensional and len(rec["shape"]) != 2):
+            what = "2-D matrix" if self.two_dimensional else "tensor"
+            raise PayloadError(f"{where}: a {self.name} record is a {what} of "
+                               f"{'/'.join(lowrank.DTYPES)}, not {rec['dtype']}{list(rec['shape'])}")
+        base = rec.get("base")
+        if base is None:
+            raise IndexSchemaError(f"index: {where}: a {self.name} record needs a base reference")
+        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
+            raise PayloadError(f"{where}: {self.name} base and fine-tune must share dtype and shape")
+
+    @staticmethod
+    def _check_lengths(rec, where, expected: list, low=None):
+        """Raw lengths equal ``expected``; or, with ``low``, one blob of length within [low, expected]."""
+        got = [b["raw_length"] for b in rec["blobs"]]
+        if low is None and got == expected:
+            return
+        if low is not None and len(got) == len(expected) == 1 and low <= got[0] <= expected[0]:
+            return
+        want = expected if low is None else f"one blob of {low}..{expected[0]} bytes"
+        raise PayloadError(f"{where}: {rec['name']!r} with params {rec['params']} needs raw lengths "
+                           f"{want}, record has {got}")
+
+    def delta(self, rec, raws) -> np.ndarray:
+        """Δ̂ as float32 in the record's shape, from its raw blobs."""
+        raise NotImplementedError
+
+    def check_payload(self, rec, raws) -> None:
+        """The blob's layout and values (zero padding, finite floats), without the base."""
+        self.delta(rec, raws)
+
+    def decode(self, rec, raws, base):
+        delta = self.delta(rec, raws)
+        read_base, count, _ = as_reader(base)
+        delta += dtypes.to_float32(read_base(slice(0, count)), rec["dtype"]).reshape(delta.shape)
+        return dtypes.from_float32(delta, rec["dtype"])
+
+
+def _one_raw(raws) -> bytes | None:
+    raws = list(raws)
+    return raws[0] if raws else None
+
+
+class LowrankMixed(AdditiveKind):
     """W_base + Û·diag(S)·V̂ᵀ: singular vectors quantized in bit groups (``lowrank.py``)."""
 
     number = Kind.LOWRANK_MIXED
-    needs_base = True
 
     @staticmethod
     def encode(shape, groups, s, factors) -> tuple[dict, list[bytes]]:
@@ -273,47 +323,111 @@ class LowrankMixed(RecordKind):
         return params, ([lowrank.pack_blob(shape, groups, s, factors)] if groups else [])
 
     def validate(self, rec, where):
-        if rec["dtype"] not in lowrank.DTYPES or len(rec["shape"]) != 2:
-            raise PayloadError(f"{where}: a lowrank-mixed record is a 2-D matrix of "
-                               f"{'/'.join(lowrank.DTYPES)}, not {rec['dtype']}{list(rec['shape'])}")
-        base = rec.get("base")
-        if base is None:
-            raise IndexSchemaError(f"index: {where}: a lowrank-mixed record needs a base reference")
-        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
-            raise PayloadError(f"{where}: lowrank-mixed base and fine-tune must share dtype and shape")
+        self._check_record(rec, where)
         groups = lowrank.parse_groups(rec["params"], rec["shape"], where)
-        expected = [lowrank.blob_size(rec["shape"], groups)] if groups else []
-        got = [b["raw_length"] for b in rec["blobs"]]
-        if got != expected:
-            raise PayloadError(f"{where}: bit groups {rec['params']['groups']} need blobs of raw "
-                               f"lengths {expected}, record has {got}")
+        self._check_lengths(rec, where, [lowrank.blob_size(rec["shape"], groups)] if groups else [])
 
     def delta(self, rec, raws) -> np.ndarray:
-        """Δ̂ as float32 (m, n) from the record's raw blobs."""
         shape = tuple(rec["shape"])
         groups = lowrank.parse_groups(rec["params"], shape, rec["name"])
-        raws = list(raws)
+        raw = _one_raw(raws)
         if not groups:
             return np.zeros(shape, dtype=np.float32)
-        s, factors = lowrank.unpack_blob(raws[0], shape, groups, rec["name"])
+        s, factors = lowrank.unpack_blob(raw, shape, groups, rec["name"])
         return lowrank.delta(shape, groups, s, factors)
 
-    def check_payload(self, rec, raws) -> None:
-        """The blob's layout and values (zero padding, finite S and scales), without the base."""
+
+class SparseLowrank(AdditiveKind):
+    """W_base + Û·diag(S)·V̂ᵀ with sparse singular vectors (ImPart; ``sparse_lowrank.py``)."""
+
+    number = Kind.SPARSE_LOWRANK
+
+    def validate(self, rec, where):
+        self._check_record(rec, where)
+        mask, _, groups = sparse_lowrank.parse_params(rec["params"], rec["shape"], where)
+        if not groups:
+            self._check_lengths(rec, where, [])
+            return
+        low, high = sparse_lowrank.size_bounds(rec["shape"], groups, mask)
+        self._check_lengths(rec, where, [high], low=low)
+
+    def delta(self, rec, raws) -> np.ndarray:
         shape = tuple(rec["shape"])
-        groups = lowrank.parse_groups(rec["params"], shape, rec["name"])
-        for raw in raws:
-            lowrank.unpack_blob(raw, shape, groups, rec["name"])
-
-    def decode(self, rec, raws, base):
-        delta = self.delta(rec, raws)
-        read_base, count, _ = as_reader(base)
-        base_values = dtypes.to_float32(read_base(slice(0, count)), rec["dtype"]).reshape(delta.shape)
-        delta += base_values
-        return dtypes.from_float32(delta, rec["dtype"])
+        mask, seed, groups = sparse_lowrank.parse_params(rec["params"], shape, rec["name"])
+        raw = _one_raw(raws)
+        if not groups:
+            return np.zeros(shape, dtype=np.float32)
+        return sparse_lowrank.unpack_blob(raw, shape, groups, mask, seed, rec["name"]).delta(groups)
 
 
-KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed(), LowrankMixed())}
+class Sign(AdditiveKind):
+    """W_base + scale·sign(Δ) per row or per matrix (BitDelta)."""
+
+    number = Kind.SIGN
+
+    def validate(self, rec, where):
+        self._check_record(rec, where)
+        _check_params(rec, where, {"packing": {Packing.LSB_FIRST}, "scales": set(SignScales)})
+        low, high = (sections.size(baseline_payloads.sign_layout(rec["shape"], rec["params"]["scales"], rows))
+                     for rows in (0, rec["shape"][0]))
+        self._check_lengths(rec, where, [high], low=low)
+
+    def delta(self, rec, raws) -> np.ndarray:
+        return baseline_payloads.sign_delta(_one_raw(raws), tuple(rec["shape"]), rec["params"]["scales"],
+                                            rec["name"])
+
+
+class Lowrank(AdditiveKind):
+    """W_base + Û·diag(S)·V̂ᵀ, the top singular vectors in float16."""
+
+    number = Kind.LOWRANK
+
+    def validate(self, rec, where):
+        self._check_record(rec, where)
+        params = rec["params"]
+        if set(params) != {"rank"}:
+            raise IndexSchemaError(f"index: {where}.params: expected exactly the key 'rank'")
+        if type(params["rank"]) is not int:
+            raise IndexSchemaError(f"index: {where}.params.rank: expected an integer")
+        if not 0 <= params["rank"] <= min(rec["shape"]):
+            raise PayloadError(f"{where}: rank {params['rank']} not in 0..min(shape) = {min(rec['shape'])}")
+        size = sections.size(baseline_payloads.lowrank_layout(rec["shape"], params["rank"]))
+        self._check_lengths(rec, where, [size] if params["rank"] else [])
+
+    def delta(self, rec, raws) -> np.ndarray:
+        shape, rank = tuple(rec["shape"]), rec["params"]["rank"]
+        raw = _one_raw(raws)
+        if not rank:
+            return np.zeros(shape, dtype=np.float32)
+        return baseline_payloads.lowrank_delta(raw, shape, rank, rec["name"])
+
+
+class Sparse(AdditiveKind):
+    """W_base + the kept elements of Δ, rescaled by the encoder (DARE)."""
+
+    number = Kind.SPARSE
+    two_dimensional = False
+
+    def validate(self, rec, where):
+        self._check_record(rec, where)
+        params = rec["params"]
+        _check_params(rec, where, {"packing": {Packing.LSB_FIRST}, "mask": set(MaskEncoding),
+                                   "seed": range(2**64), "drop": range(masks.DROP_ALL + 1)})
+        if params["mask"] == MaskEncoding.BITMASK and (params["seed"] or params["drop"]):
+            raise PayloadError(f"{where}: a sparse record with a bitmask has seed 0 and drop 0")
+        count = element_count(rec["shape"], where)
+        low, high = (sections.size(baseline_payloads.sparse_layout(count, params["mask"], kept))
+                     for kept in (0, count))
+        self._check_lengths(rec, where, [high], low=low)
+
+    def delta(self, rec, raws) -> np.ndarray:
+        p = rec["params"]
+        return baseline_payloads.sparse_delta(_one_raw(raws), tuple(rec["shape"]), p["mask"], p["seed"],
+                                              p["drop"], rec["name"])
+
+
+KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed(), LowrankMixed(), SparseLowrank(),
+                                                      Sign(), Lowrank(), Sparse())}
 
 
 def kind_of(rec: dict, where: str) -> RecordKind:

@@ -1,0 +1,247 @@
+"""ImPart (Yang et al. 2025): singular vectors sparsified by importance, written as ``sparse-lowrank``.
+
+Per selected matrix, Δ = W_ft − W_base in float32 and its SVD Δ = Σ sᵢ·uᵢ·vᵢᵀ
+(singular values in decreasing order).  The schedule, for a mean sparsity γ:
+
+0. The knob is the overall sparsity α over all r = min(m, n) vectors; with
+   β_eff = min(β, α), the kept vectors' mean sparsity is γ = (α − β_eff)/(1 − β_eff).
+1. The bottom ⌊β_eff·r⌋ vectors are dropped (``beta``, 0.6), and any below
+   the float32 noise floor of the SVD: k₀ remain.
+2. Importance tᵢ = sᵢ^C (``power`` C, 0.5); each kept vector gets the
+   sparsity pᵢ = γ·(1 − tᵢ/t₀), so the top vector is kept whole.
+3. Those pᵢ average less than γ; so, from the tail, vectors are dropped
+   (p = 1) while the mean of p over the k₀ vectors is below γ: k vectors remain.
+4. Element j of uᵢ and of vᵢ is dropped at random with probability pᵢ (the
+   hash mask of ``masks.py``: drop threshold round(pᵢ·2^32), no bits stored),
+   and the kept elements are rescaled by 1/(1 − pᵢ), with pᵢ the threshold's
+   exact share, so that E[ûᵢ·v̂ᵢᵀ] = uᵢ·vᵢᵀ.
+5. α is the smallest value whose record fits the matrix's share of the file's
+   byte budget (bisection on the expected size, then refined on the exact
+   stored size: ``budget.fit``).
+
+Kept elements are stored as float16 (``impart``) or quantized with
+Delta-CoMe's bit groups, 8 bits for the first 2 vectors, 3 for the next 32,
+2 for the rest (``impart-qt``), in quantization groups of 128 consecutive kept
+elements of a vector: dropped elements are never coded, so they stay exactly
+zero.  With calibration statistics the quantization is GPTQ on the masked
+factors (``gptq.quantize_rows_masked``, ``gptq.quantize_columns_masked``).
+
+``mask="auto"`` also prices an explicit bitmask of the same positions and
+keeps the cheaper record (the hash costs 4 bytes a vector; a bitmask one bit
+an element, less once compressed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from . import budget, gptq, masks, sections, sparse_lowrank
+from .baselines import _mask_option
+from .constants import Kind, MaskEncoding, Packing
+from .deltacome import DEFAULT_RECIPE, Svd, exact_svd, parse_recipe, rank_cap, recipe_text
+from .errors import UsageError
+from .lowrank import BitGroup
+from .methods import BudgetedMethod, register
+from .sparse_lowrank import FLOAT_BITS, Payload, Values
+
+BISECT_STEPS = 40  # bisection steps on γ: far below one element of any matrix here
+
+
+def sparsities(s: np.ndarray, shape, alpha: float, beta: float, power: float) -> np.ndarray:
+    """pᵢ of the vectors kept for overall sparsity ``alpha`` (the steps above; k = the result's size).
+
+    β_eff = min(β, α) and γ = (α − β_eff)/(1 − β_eff): the mean sparsity of the
+    k₀ vectors that step 1 keeps, so that α is the sparsity over all r vectors.
+    """
+    r = min(shape)
+    beta = min(beta, alpha)
+    k0 = min(rank_cap(s, shape), r - math.floor(beta * r))
+    if k0 <= 0 or alpha >= 1:
+        return np.zeros(0)
+    gamma = (alpha - beta) / (1 - beta)
+    t = s[:k0].astype(np.float64) ** power
+    p = gamma * (1 - t / t[0])
+    total = np.cumsum(p)
+    for k in range(k0, 0, -1):  # the dropped tail counts as p = 1
+        if (total[k - 1] + (k0 - k)) / k0 >= gamma - 1e-12:
+            return p[:k]
+    return p[:0]
+
+
+@register
+class ImPart(BudgetedMethod):
+    name = "impart"
+
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+                 beta: float = 0.6, power: float = 0.5, mask: str = "auto"):
+        super().__init__(ratio, include, exclude, zstd_level, seed)
+        if not 0 <= beta < 1:
+            raise UsageError(f"beta must be in [0, 1), got {beta!r}")
+        if not power > 0:
+            raise UsageError(f"power must be positive, got {power!r}")
+        self.beta, self.power, self.mask = float(beta), float(power), _mask_option(mask)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "beta": self.beta, "power": self.power, "mask": self.mask,
+                "values": self._values_config(), "svd": "exact"}
+
+    def _values_config(self):
+        return "F16"
+
+    # --- what a record holds ---------------------------------------------------------
+
+    def groups(self, k: int) -> list[BitGroup]:
+        return [BitGroup(0, k, FLOAT_BITS, 0)] if k else []
+
+    def _params(self, mask: int, seed: int, groups) -> dict:
+        return {"packing": int(Packing.LSB_FIRST), "mask": int(mask), "seed": seed,
+                "groups": [g.as_param() for g in groups]}
+
+    def empty_cost(self, info) -> int:
+        return budget.record_cost(info.name, Kind.SPARSE_LOWRANK, info.dtype, info.shape,
+                                  self._params(MaskEncoding.HASH, 2**64 - 1, []), [])
+
+    def estimate(self, name, dtype_name, shape, p: np.ndarray) -> int:
+        """The record's cost with the expected kept counts (hash mask, raw sizes)."""
+        m, n = shape
+        groups = self.groups(p.size)
+        if not groups:
+            return budget.record_cost(name, Kind.SPARSE_LOWRANK, dtype_name, shape,
+                                      self._params(MaskEncoding.HASH, 2**64 - 1, []), [])
+        v_counts, u_counts = np.round((1 - p) * n).astype(np.int64), np.round((1 - p) * m).astype(np.int64)
+        size = sections.size(sparse_lowrank.layout(shape, groups, MaskEncoding.HASH, v_counts, u_counts))
+        return budget.record_cost(name, Kind.SPARSE_LOWRANK, dtype_name, shape,
+                                  self._params(MaskEncoding.HASH, 2**64 - 1, groups), [size])
+
+    # --- coding ----------------------------------------------------------------------
+
+    def code(self, name, dtype_name, shape, delta, limit):
+        svd = exact_svd(delta)
+        seed = masks.record_seed(self.seed, name)
+
+        def p_of(alpha):
+            return sparsities(svd.s, shape, alpha, self.beta, self.power)
+
+        def knob_for(target):  # the smallest overall sparsity α whose expected record fits ``target``
+            if self.estimate(name, dtype_name, shape, p_of(0.0)) <= target:
+                return 0.0
+            lo, hi = 0.0, 1.0
+            for _ in range(BISECT_STEPS):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if self.estimate(name, dtype_name, shape, p_of(mid)) <= target else (mid, hi)
+            return hi
+
+        def build(alpha):
+            return self.build(name, dtype_name, shape, svd, p_of(alpha), seed, alpha)
+        return budget.fit(build, knob_for, limit, lambda: build(1.0))
+
+    def build(self, name, dtype_name, shape, svd: Svd, p: np.ndarray, seed: int, alpha: float):
+        k = p.size
+        groups = self.groups(k)
+        if not k:
+            params = self._params(MaskEncoding.HASH, seed, [])
+            return budget.coded(name, Kind.SPARSE_LOWRANK, dtype_name, shape, params, [], self.zstd_level,
+                                info={"rank": 0, "alpha": alpha})
+        drops = np.array([masks.drop_threshold(x) for x in p], dtype=np.uint32)
+        v_keep, u_keep = sparse_lowrank.hash_keep(seed, drops, shape)
+        rescale = (1 / (1 - drops.astype(np.float64) / 2**32)).astype(np.float32)[:, None]
+        v, u = svd.v[:k] * rescale, svd.u[:k] * rescale
+        values = self.quantize(name, shape, groups, svd.s[:k], v, u, v_keep, u_keep)
+        payload = Payload(svd.s[:k].astype(np.float32), drops, v_keep, u_keep, values)
+        options = []
+        if self.mask in ("auto", "hash"):
+            options.append((MaskEncoding.HASH, seed))
+        if self.mask in ("auto", "bitmask"):
+            options.append((MaskEncoding.BITMASK, 0))
+        records = []
+        for mask, mask_seed in options:
+            raw = sparse_lowrank.pack_blob(shape, groups, mask, payload)
+            records.append(budget.coded(
+                name, Kind.SPARSE_LOWRANK, dtype_name, shape, self._params(mask, mask_seed, groups), [raw],
+                self.zstd_level, info={"rank": k, "alpha": alpha, "mask": int(mask),
+                                       "kept": int(v_keep.sum() + u_keep.sum())}))
+        return min(records, key=lambda c: c.cost)
+
+    def quantize(self, name, shape, groups, s, v, u, v_keep, u_keep) -> list:
+        """Per bit group, the (V, U) ``Values`` of the kept elements: float16 here."""
+        return [(Values(v[g.start:g.stop][v_keep[g.start:g.stop]].astype(np.float16)),
+                 Values(u[g.start:g.stop][u_keep[g.start:g.stop]].astype(np.float16))) for g in groups]
+
+
+@register
+class ImPartQt(ImPart):
+    name = "impart-qt"
+
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+                 beta: float = 0.6, power: float = 0.5, mask: str = "auto", recipe=DEFAULT_RECIPE,
+                 group_size: int = 128, calibration=None, damp: float = 0.01):
+        super().__init__(ratio, include, exclude, zstd_level, seed=seed, beta=beta, power=power, mask=mask)
+        if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
+            raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
+        self.recipe, self.group_size, self.damp = parse_recipe(recipe), group_size, float(damp)
+        self.stats = _load_stats(calibration)
+        self._h_name, self._h = None, None
+
+    def get_config(self) -> dict:
+        config = {**super().get_config(), "recipe": recipe_text(self.recipe), "group_size": self.group_size,
+                  "quantizer": "gptq" if self.stats else "rtn"}
+        if self.stats:
+            config.update({"damp": self.damp, "calibration_tokens": self.stats.tokens,
+                           "calibration_sha256": self.stats.sha256})
+        return config
+
+    def _values_config(self):
+        return "quantized"
+
+    def groups(self, k: int) -> list[BitGroup]:
+        """The recipe's bit groups over the k kept vectors (the last count stretches to k)."""
+        out, start = [], 0
+        for bits, count in self.recipe:
+            stop = k if count is None else min(k, start + count)
+            if stop > start:
+                out.append(BitGroup(start, stop, bits, self.group_size))
+            start = stop
+        if start < k:  # a recipe whose counts all end early: the rest at its last width
+            out.append(BitGroup(start, k, self.recipe[-1][0], self.group_size))
+        return out
+
+    def quantize(self, name, shape, groups, s, v, u, v_keep, u_keep) -> list:
+        h = self._hessian(name, shape)
+        if h is None:
+            return [(sparse_lowrank.quantize_rtn(v[g.start:g.stop][v_keep[g.start:g.stop]],
+                                                 v_keep[g.start:g.stop].sum(axis=1), g),
+                     sparse_lowrank.quantize_rtn(u[g.start:g.stop][u_keep[g.start:g.stop]],
+                                                 u_keep[g.start:g.stop].sum(axis=1), g)) for g in groups]
+        bits = np.concatenate([[g.bits] * g.count for g in groups])
+        v_vals, v_hat = gptq.quantize_rows_masked(v, v_keep, h, bits, self.group_size, self.damp)
+        u_h = gptq.u_hessian(v_hat, s, h)
+        u_vals, _ = gptq.quantize_columns_masked(u, u_keep, u_h, bits, self.group_size, self.damp)
+        return [(_slice_values(v_vals, v_keep, g), _slice_values(u_vals, u_keep, g)) for g in groups]
+
+    def _hessian(self, name, shape):
+        if self.stats is None:
+            return None
+        if self._h_name != name:
+            h = self.stats.hessian(name)
+            self._h_name, self._h = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
+        return self._h
+
+
+def _slice_values(per_vector: list, keep: np.ndarray, group: BitGroup) -> Values:
+    """One bit group's ``Values`` from per-vector (codes, scales, zeros)."""
+    rows = per_vector[group.start:group.stop]
+    return Values(np.concatenate([r[0] for r in rows]).astype(np.uint8),
+                  np.concatenate([r[1] for r in rows]), np.concatenate([r[2] for r in rows]).astype(np.uint8))
+
+
+def _load_stats(calibration):
+    if calibration is None:
+        return None
+    from .calibrate import load_stats
+    stats = load_stats(calibration)
+    with open(calibration, "rb") as f:
+        stats.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return stats
