@@ -43,17 +43,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import allocate, blobs, dtypes, gptq, lowrank, quant
+from . import allocate, blobs, budget, dtypes, gptq, lowrank, quant
+from .budget import WORST_OFFSET, share_budgets  # noqa: F401  (shared with the other lossy methods)
 from .constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from .errors import UsageError
-from .index import packed_len
 from .lowrank import BitGroup, Factor
 from .methods import Method, register
 from .records import LowrankMixed
 
 DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
 DEFAULT_WIDTHS = (2, 3, 4, 8)
-WORST_OFFSET = 2**64 - 1  # the widest msgpack integer: an index entry never grows past this estimate
 SVD_CACHE_BYTES = 2 * 2**30  # factors kept between planning and encoding under ``rd``
 GROW_STEPS = 4  # tries at spending what zstd saved on a matrix's own blob
 GROW_MIN_SLACK = 0.005  # ... while more than this share of its budget is left
@@ -99,13 +98,9 @@ def record_cost(name: str, dtype_name: str, shape, groups: list[BitGroup],
     only when smaller) and the padding that may precede it.
     """
     raw = lowrank.blob_size(shape, groups)
-    length = raw if stored is None else stored
-    blobs = [{"offset": WORST_OFFSET, "length": length, "encoding": 1, "raw_length": raw,
-              "crc32": 2**32 - 1}] if groups else []
-    entry = {"name": name, "kind": int(Kind.LOWRANK_MIXED), "dtype": dtype_name, "shape": list(shape),
-             "params": {"packing": int(Packing.LSB_FIRST), "groups": [g.as_param() for g in groups]}, "blobs": blobs,
-             "base": {"dtype": dtype_name, "shape": list(shape), "sha256": bytes(32)}}
-    return packed_len(entry) + length + (alignment - 1 if groups else 0)
+    params = {"packing": int(Packing.LSB_FIRST), "groups": [g.as_param() for g in groups]}
+    return budget.record_cost(name, Kind.LOWRANK_MIXED, dtype_name, shape, params, [raw] if groups else [],
+                              None if stored is None or not groups else [stored], alignment)
 
 
 def groups_from_widths(widths, group_size: int) -> list[BitGroup]:
@@ -144,23 +139,6 @@ def recipe_groups(name, dtype_name, shape, recipe, group_size, budget: int, rank
         if count is None or lo < count:
             break
     return groups
-
-
-def share_budgets(tensors, total: int, floor) -> dict[str, int]:
-    """Split ``total`` bytes over tensors by size; a tensor whose share is below ``floor(t)`` gets the floor.
-
-    Water-filling: fixing a floor lowers everyone else's share, so repeat until stable.
-    """
-    fixed: dict[str, int] = {}
-    while True:
-        free = [t for t in tensors if t.name not in fixed]
-        left = total - sum(fixed.values())
-        count = sum(math.prod(t.shape) for t in free)
-        shares = {t.name: left * math.prod(t.shape) // count if count else 0 for t in free}
-        low = {t.name: floor(t) for t in free if shares[t.name] < floor(t)}
-        if not low:
-            return {**fixed, **shares}
-        fixed.update(low)
 
 
 # --- the factors --------------------------------------------------------------------

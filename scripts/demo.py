@@ -11,7 +11,10 @@ for byte (per-tensor table in out/demo/tensors.tsv), loads the decoded
 directory with ``transformers.AutoModel.from_pretrained`` (offline) and with
 ``safetensors``, compares outputs of a forward pass with the fine-tune's, and
 prints sizes, bits per parameter, ratios and timings (also saved to
-out/demo/summary.json).
+out/demo/summary.json).  Then the lossy methods through the same CLI:
+delta-come at 1/16 and 1/32, and impart, impart-qt, lowrank, dare and
+bitdelta at 1/16, each checked within its budget (``dcm info --json``),
+decoded, verified against the base and loaded in transformers.
 
 The dcm steps run the real ``dcm`` command-line tool in subprocesses.
 Exits non-zero if any step or check fails.
@@ -218,20 +221,21 @@ def load_checks(ft_dir: Path, decoded_dir: Path) -> None:
           f"{params:,} parameters; last_hidden_state{list(got.shape)} identical to the fine-tune's")
 
 
-def lossy(base: Path, ft: Path, out: Path, ratio: str) -> dict:
-    """``dcm encode --method delta-come --ratio R``: its lossy records within R·16 bits per
+def lossy(base: Path, ft: Path, out: Path, ratio: str, method: str = "delta-come") -> dict:
+    """``dcm encode --method METHOD --ratio R``: its lossy records within R·16 bits per
     parameter by ``dcm info --json``, and the decoded directory loads in transformers."""
     import torch
     import transformers
 
-    path, decoded = out / f"delta-come-{ratio.replace('/', '-')}.dcm", out / f"decoded-{ratio.replace('/', '-')}"
-    enc_s, _ = run(f"encode delta-come {ratio}", ["encode", str(base), str(ft), "-o", str(path),
-                                                   "--method", "delta-come", "--ratio", ratio])
+    tag = f"{method}-{ratio.replace('/', '-')}"
+    path, decoded = out / f"{tag}.dcm", out / f"decoded-{tag}"
+    enc_s, _ = run(f"encode {method} {ratio}", ["encode", str(base), str(ft), "-o", str(path),
+                                                 "--method", method, "--ratio", ratio])
     _, js = run("info --json", ["info", "--json", str(path)], show=None)
     c = json.loads(js)["totals"]["compressed"]
     limit = 16 * float(Fraction(ratio))
     if c["bits_per_param"] > limit:
-        raise Failed(f"delta-come {ratio}: {c['bits_per_param']:.4f} bits per compressed parameter > {limit}")
+        raise Failed(f"{method} {ratio}: {c['bits_per_param']:.4f} bits per compressed parameter > {limit}")
     run("decode", ["decode", str(path), "--base", str(base), "-o", str(decoded)])
     run("verify", ["verify", str(path), "--base", str(base)])
     model = transformers.AutoModel.from_pretrained(str(decoded)).eval()
@@ -242,10 +246,10 @@ def lossy(base: Path, ft: Path, out: Path, ratio: str) -> dict:
     with torch.no_grad():
         got, want, was = (m(**batch).last_hidden_state for m in (model, original, starting))
     kept = 1 - float((got - want).norm() / (was - want).norm())
-    print(f"delta-come {ratio}: {c['records']} matrices, {c['bytes']:,} bytes = {c['bits_per_param']:.4f} bits "
+    print(f"{method} {ratio}: {c['records']} matrices, {c['bytes']:,} bytes = {c['bits_per_param']:.4f} bits "
           f"per compressed parameter (limit {limit:g}); file {path.stat().st_size:,} bytes; "
           f"loads in transformers; hidden states keep {kept:.4f} of the fine-tune's change; encode {enc_s:.1f} s")
-    return {"ratio": ratio, "compressed_bits_per_param": c["bits_per_param"], "file_bytes": path.stat().st_size,
+    return {"method": method, "ratio": ratio, "compressed_bits_per_param": c["bits_per_param"], "file_bytes": path.stat().st_size,
             "hidden_state_gain": kept, "encode_seconds": enc_s}
 
 
@@ -314,6 +318,9 @@ def main(argv=None) -> int:
         }
         print("\n=== delta-come (lossy): the same pair at 1/16 and 1/32 ===")
         summary["delta_come"] = [lossy(base, ft, out, r) for r in ("1/16", "1/32")]
+        print("\n=== impart, impart-qt and the baselines at 1/16 (same container, same budget) ===")
+        summary["other_methods"] = [lossy(base, ft, out, "1/16", m)
+                                    for m in ("impart", "impart-qt", "lowrank", "dare", "bitdelta")]
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print("\n=== summary (lossless) ===")
         print(f"base checkpoint         {sizes['base']:>12,} bytes ({sizes['base'] / MIB:.1f} MiB)")
