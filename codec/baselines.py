@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import baseline_payloads, budget, dtypes, masks, sections
+from .checkpoint import TensorInfo
 from .constants import Kind, MaskEncoding, Packing, SignScales
 from .deltacome import exact_svd, rank_cap
 from .errors import UsageError
@@ -172,7 +173,7 @@ class Dare(BudgetedMethod):
         count = flat.size
         seed = masks.record_seed(self.seed, name)
         draws = masks.uniform32(seed, np.arange(count, dtype=np.uint64))
-        overhead = self.empty_cost(_Info(name, dtype_name, shape))
+        overhead = self.empty_cost(TensorInfo(name, dtype_name, tuple(shape), delta.nbytes))
 
         def knob_for(target):  # kept elements: 2 bytes each (and a bit each with a bitmask)
             per = 2 + (1 / 8 if self.mask == "bitmask" else 0)
@@ -196,11 +197,6 @@ class Dare(BudgetedMethod):
                        for p, raw in options]
             return min(records, key=lambda c: c.cost)
         return budget.fit(build, knob_for, limit, lambda: build(0))
-
-
-class _Info:
-    def __init__(self, name, dtype, shape):
-        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
 
 
 def _threshold_keeping(draws: np.ndarray, kept: int) -> int:

@@ -414,3 +414,29 @@ def load_stats(path) -> CalibrationStats:
     meta = _check_stats_metadata(path, metadata)
     shapes = {name: _check_entry(path, name, dtype, shape) for name, dtype, shape in entries}
     return CalibrationStats(path, meta, shapes)
+
+
+def open_stats(path) -> CalibrationStats | None:
+    """``load_stats`` plus the file's SHA-256 (``.sha256``, recorded in the method's params); None for None."""
+    if path is None:
+        return None
+    stats = load_stats(path)
+    with open(path, "rb") as f:
+        stats.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return stats
+
+
+class HessianCache:
+    """Input Hessians of one matrix at a time: a method asks for the same one several times in a row."""
+
+    def __init__(self, stats: CalibrationStats | None):
+        self.stats, self.name, self.value = stats, None, None
+
+    def get(self, name: str, shape):
+        """The (n, n) Hessian of matrix ``name`` of ``shape`` (m, n), or None without one of that size."""
+        if self.stats is None:
+            return None
+        if self.name != name:
+            h = self.stats.hessian(name)
+            self.name, self.value = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
+        return self.value

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import allocate, blobs, budget, dtypes, gptq, lowrank, quant
+from .calibrate import HessianCache, open_stats
 from .budget import WORST_OFFSET, share_budgets  # noqa: F401  (shared with the other lossy methods)
 from .constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from .errors import UsageError
@@ -240,25 +241,15 @@ class DeltaCoMe(Method):
             raise UsageError(f"widths must be bit widths in 1..8, got {widths!r}")
         self.damp, self.refit = float(damp), bool(refit)
         self.oversample, self.power_iters, self.seed = int(oversample), int(power_iters), int(seed)
-        self.stats = self._load_stats(calibration)
+        self.stats = open_stats(calibration)
+        self._hessians = HessianCache(self.stats)
         self.budgets: dict[str, int] = {}
         self.plans: dict[str, np.ndarray] = {}  # rd: each matrix's widths in file order
         self.orders: dict[str, np.ndarray] = {}  # rd: SVD indices in file order
         self.cache: dict[str, Svd] = {}
         self.carry = 0  # bytes earlier matrices left unspent, shared over the ones still to come
         self.pending = 0  # parameters of the planned matrices not yet encoded
-        self._h_name, self._h = None, None
         self.hints: dict[str, int] = {}  # rd with a randomized SVD: the rank each matrix's sketch finds
-
-    @staticmethod
-    def _load_stats(calibration):
-        if calibration is None:
-            return None
-        from .calibrate import load_stats
-        stats = load_stats(calibration)
-        with open(calibration, "rb") as f:
-            stats.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        return stats
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -472,12 +463,7 @@ class DeltaCoMe(Method):
 
     def _hessian(self, name, shape):
         """The matrix's input Hessian from the calibration statistics (read once per matrix), or None."""
-        if self.stats is None:
-            return None
-        if self._h_name != name:
-            h = self.stats.hessian(name)
-            self._h_name, self._h = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
-        return self._h
+        return self._hessians.get(name, shape)
 
 
 def _sliced(quantized, groups):

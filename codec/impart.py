@@ -33,13 +33,13 @@ an element, less once compressed).
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 
 from . import budget, gptq, masks, sections, sparse_lowrank
 from .baselines import _mask_option
+from .calibrate import HessianCache, open_stats
 from .constants import Kind, MaskEncoding, Packing
 from .deltacome import DEFAULT_RECIPE, Svd, exact_svd, parse_recipe, rank_cap, recipe_text
 from .errors import UsageError
@@ -182,8 +182,8 @@ class ImPartQt(ImPart):
         if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
             raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
         self.recipe, self.group_size, self.damp = parse_recipe(recipe), group_size, float(damp)
-        self.stats = _load_stats(calibration)
-        self._h_name, self._h = None, None
+        self.stats = open_stats(calibration)
+        self._hessians = HessianCache(self.stats)
 
     def get_config(self) -> dict:
         config = {**super().get_config(), "recipe": recipe_text(self.recipe), "group_size": self.group_size,
@@ -209,7 +209,7 @@ class ImPartQt(ImPart):
         return out
 
     def quantize(self, name, shape, groups, s, v, u, v_keep, u_keep) -> list:
-        h = self._hessian(name, shape)
+        h = self._hessians.get(name, shape)
         if h is None:
             return [(sparse_lowrank.quantize_rtn(v[g.start:g.stop][v_keep[g.start:g.stop]],
                                                  v_keep[g.start:g.stop].sum(axis=1), g),
@@ -221,27 +221,9 @@ class ImPartQt(ImPart):
         u_vals, _ = gptq.quantize_columns_masked(u, u_keep, u_h, bits, self.group_size, self.damp)
         return [(_slice_values(v_vals, v_keep, g), _slice_values(u_vals, u_keep, g)) for g in groups]
 
-    def _hessian(self, name, shape):
-        if self.stats is None:
-            return None
-        if self._h_name != name:
-            h = self.stats.hessian(name)
-            self._h_name, self._h = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
-        return self._h
-
 
 def _slice_values(per_vector: list, keep: np.ndarray, group: BitGroup) -> Values:
     """One bit group's ``Values`` from per-vector (codes, scales, zeros)."""
     rows = per_vector[group.start:group.stop]
     return Values(np.concatenate([r[0] for r in rows]).astype(np.uint8),
                   np.concatenate([r[1] for r in rows]), np.concatenate([r[2] for r in rows]).astype(np.uint8))
-
-
-def _load_stats(calibration):
-    if calibration is None:
-        return None
-    from .calibrate import load_stats
-    stats = load_stats(calibration)
-    with open(calibration, "rb") as f:
-        stats.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return stats

@@ -27,15 +27,11 @@ import numpy as np
 
 from . import bitpack, quant
 from .constants import MAX_BIT_GROUPS, MAX_QUANT_GROUP_SIZE, Packing
+from .sections import Section, align4
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
-SECTION_ALIGN = 4
 S_DTYPE = np.dtype("<f4")
 DTYPES = ("F32", "F16", "BF16")  # dtypes a lowrank-mixed record may rebuild
-
-
-def align4(n: int) -> int:
-    return (n + SECTION_ALIGN - 1) // SECTION_ALIGN * SECTION_ALIGN
 
 
 @dataclass(frozen=True)
@@ -51,13 +47,6 @@ class BitGroup:
 
     def as_param(self) -> list[int]:
         return [self.start, self.stop, self.bits, self.group_size]
-
-
-@dataclass(frozen=True)
-class Section:
-    name: str  # "S", or "g{index}.{V|U}.{codes|scales|zeros}"
-    offset: int
-    nbytes: int
 
 
 def _factor_sections(group: BitGroup, length: int) -> list[tuple[str, int]]:
@@ -100,7 +89,15 @@ def parse_groups(params: dict, shape, where: str) -> list[BitGroup]:
         raise IndexSchemaError(f"index: {where}.params.packing: expected an integer")
     if params["packing"] != Packing.LSB_FIRST:
         raise UnknownKindError(f"{where}.params.packing: unknown value {params['packing']}")
-    raw = params["groups"]
+    return parse_group_list(params["groups"], shape, where)
+
+
+def parse_group_list(raw, shape, where: str, float_bits: int | None = None) -> list[BitGroup]:
+    """The bit groups of a record's ``groups`` param, checked against its shape.
+
+    ``float_bits``: a width that means float values rather than codes (group_size 0),
+    for kinds that allow it (sparse-lowrank's 16).
+    """
     if not isinstance(raw, list):
         raise IndexSchemaError(f"index: {where}.params.groups: expected an array")
     if len(raw) > MAX_BIT_GROUPS:
@@ -115,9 +112,13 @@ def parse_groups(params: dict, shape, where: str) -> list[BitGroup]:
         if group.start != start or group.stop <= group.start:
             raise PayloadError(f"{at}: groups must cover [0, rank) in order without gaps; "
                                f"expected start {start} and stop > start")
-        if not 1 <= group.bits <= 8:
-            raise PayloadError(f"{at}: bits {group.bits} not in 1..8")
-        if not 1 <= group.group_size <= MAX_QUANT_GROUP_SIZE:
+        if float_bits is not None and group.bits == float_bits:
+            if group.group_size != 0:
+                raise PayloadError(f"{at}: a group of {float_bits}-bit floats has group_size 0")
+        elif not 1 <= group.bits <= 8:
+            also = "" if float_bits is None else f" or {float_bits}"
+            raise PayloadError(f"{at}: bits {group.bits} not in 1..8{also}")
+        elif not 1 <= group.group_size <= MAX_QUANT_GROUP_SIZE:
             raise PayloadError(f"{at}: group_size {group.group_size} not in 1..{MAX_QUANT_GROUP_SIZE}")
         start = group.stop
         groups.append(group)

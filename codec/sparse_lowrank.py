@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import bitpack, masks, quant, sections
-from .constants import MAX_BIT_GROUPS, MAX_QUANT_GROUP_SIZE, MaskEncoding, Packing
+from .constants import MaskEncoding, Packing
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
-from .lowrank import BitGroup
+from .lowrank import BitGroup, parse_group_list
 
 FLOAT_BITS = 16  # a bit group of float16 values rather than codes
 VALUE_DTYPE = np.dtype("<f2")
@@ -59,31 +59,7 @@ def parse_params(params: dict, shape, where: str) -> tuple[int, int, list[BitGro
         raise UnknownKindError(f"{where}.params.mask: unknown value {params['mask']}")
     if not 0 <= params["seed"] < 2**64 or (params["mask"] == MaskEncoding.BITMASK and params["seed"] != 0):
         raise PayloadError(f"{where}.params.seed: {params['seed']} must be in [0, 2^64), and 0 with a bitmask")
-    raw = params["groups"]
-    if not isinstance(raw, list):
-        raise IndexSchemaError(f"index: {where}.params.groups: expected an array")
-    if len(raw) > MAX_BIT_GROUPS:
-        raise LimitError(f"{where}.params.groups: {len(raw)} bit groups exceed the limit {MAX_BIT_GROUPS}")
-    groups, start = [], 0
-    for i, g in enumerate(raw):
-        at = f"{where}.params.groups[{i}]"
-        if not (isinstance(g, list) and len(g) == 4 and all(type(v) is int for v in g)):
-            raise IndexSchemaError(f"index: {at}: expected [start, stop, bits, group_size] integers")
-        group = BitGroup(*g)
-        if group.start != start or group.stop <= group.start:
-            raise PayloadError(f"{at}: groups must cover [0, rank) in order without gaps; "
-                               f"expected start {start} and stop > start")
-        if is_float(group):
-            if group.group_size != 0:
-                raise PayloadError(f"{at}: a group of 16-bit floats has group_size 0")
-        elif not 1 <= group.bits <= 8:
-            raise PayloadError(f"{at}: bits {group.bits} not in 1..8 or 16")
-        elif not 1 <= group.group_size <= MAX_QUANT_GROUP_SIZE:
-            raise PayloadError(f"{at}: group_size {group.group_size} not in 1..{MAX_QUANT_GROUP_SIZE}")
-        start = group.stop
-        groups.append(group)
-    if start > min(shape):
-        raise PayloadError(f"{where}: rank {start} exceeds min(shape) = {min(shape)}")
+    groups = parse_group_list(params["groups"], shape, where, float_bits=FLOAT_BITS)
     if max(shape) > masks.MAX_VECTOR_LENGTH:
         raise LimitError(f"{where}: vectors of {max(shape)} elements exceed the limit {masks.MAX_VECTOR_LENGTH}")
     return params["mask"], params["seed"], groups
