@@ -240,6 +240,14 @@ class DcmFile:
         rec = self.record(name)
         records.KINDS[rec.kind].check_payload(self._raw[name], self.iter_raw_blobs(rec))
 
+    def stored_delta(self, name: str) -> np.ndarray:
+        """Δ̂ of a lossy record (kinds that add an approximate delta to the base), float32, no base needed."""
+        rec = self.record(name)
+        kind = records.KINDS[rec.kind]
+        if not isinstance(kind, records.AdditiveKind):
+            raise UsageError(f"tensor {name!r}: a {rec.kind_name} record stores no approximate delta")
+        return kind.delta(self._raw[name], self.iter_raw_blobs(rec))
+
     def delta(self, name: str, base: np.ndarray | None = None) -> np.ndarray:
         """Δ = W_ft − W_base as float32 values (exact kinds need ``base`` to compute it)."""
         rec = self.record(name)

@@ -1,0 +1,181 @@
+"""What the kernels read: one record's packed bytes and a table of where each part lies.
+
+A record that stores a delta of a linear layer's weight (shape (m, n): out, in)
+is loaded into one of three *families*, by how it is computed:
+
+- ``FactorRecord``: Δ̂ = Û·diag(S)·V̂ᵀ in bit groups.  ``lowrank-mixed`` keeps the
+  file's blob byte for byte (codes LSB-first, vector-major; float16 scales; packed
+  zero points; spec 10.7); ``lowrank`` keeps its blob too (one group of float16
+  vectors, ``bits`` 16).  ``sparse-lowrank`` (ImPart) is *expanded once at load*
+  into that float16 form: a kept element's place among the stored values is its
+  rank among the kept elements of its vector, a prefix count over the mask that a
+  GPU thread holding element j cannot get without a scan over 0..j; the expanded
+  vectors cost 2 bytes per element of Û and V̂ (k·(m+n)·2 bytes) instead of the
+  packed values, and the kernels stay the two of ``lowrank-mixed``.
+- ``SignRecord``: BitDelta, Δ̂[a, b] = ±scale[a]; the file's blob, plus a row map
+  (int32 per row: its row among the coded rows, −1 for a row of scale 0).
+- ``DenseRecord``: anything else (``sparse``/DARE, exact kinds): Δ̂ decoded once into
+  a dense float32 matrix, which is what serving such a delta costs.
+
+Every payload is checked when loaded (padding, lengths, finite floats, by the
+codec's own readers), so the kernels never read bytes the spec rejects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dcm import baseline_payloads, lowrank, sparse_lowrank
+from dcm.constants import Kind, SignScales
+from dcm.errors import UsageError
+
+FLOAT16_BITS = 16  # a group whose "codes" are float16 values (no scales, no zero points)
+FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One bit group: vectors [start, start+count) of the record, byte offsets into its blob."""
+
+    start: int
+    count: int
+    bits: int  # 1..8, or 16 for float16 vectors
+    group_size: int  # quantization group along a vector (0 for float16)
+    v_codes: int
+    v_scales: int
+    v_zeros: int
+    u_codes: int
+    u_scales: int
+    u_zeros: int
+
+
+@dataclass
+class FactorRecord:
+    shape: tuple  # (m, n) = (out_features, in_features)
+    rank: int
+    blob: bytes  # S (rank float32) at offset 0, then the groups' sections
+    groups: list[Group]
+    kind: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+
+@dataclass
+class SignRecord:
+    shape: tuple
+    blob: bytes  # the file's blob, then the row map (int32 per row) at ``rowmap``
+    per_row: bool
+    signs: int  # byte offset of the sign bits
+    rowmap: int  # byte offset of the row map
+    kind: int = Kind.SIGN
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+
+@dataclass
+class DenseRecord:
+    shape: tuple
+    delta: np.ndarray = field(repr=False)  # (m, n) float32
+    kind: int = Kind.SPARSE
+
+    @property
+    def nbytes(self) -> int:
+        return self.delta.nbytes
+
+
+def _one_blob(dcm_file, rec) -> bytes:
+    raws = dcm_file.raw_blobs(rec)
+    return raws[0] if raws else b""
+
+
+def _offset(secs, name: str) -> int:
+    return next(s.offset for s in secs if s.name == name)
+
+
+def _mixed(dcm_file, rec) -> FactorRecord:
+    groups = lowrank.parse_groups(rec.params, tuple(rec.shape), rec.name)
+    return mixed_record(tuple(rec.shape), groups, _one_blob(dcm_file, rec), rec.name)
+
+
+def mixed_record(shape, groups: list, blob: bytes, where: str = "record") -> FactorRecord:
+    """A ``lowrank-mixed`` blob with its bit groups (``lowrank.BitGroup``), checked, as the kernels read it."""
+    if groups:
+        lowrank.unpack_blob(blob, shape, groups, where)  # checks padding, lengths, finite scales
+    secs = lowrank.sections(shape, groups)
+    out = []
+    for gi, g in enumerate(groups):
+        at = {what: _offset(secs, f"g{gi}.{what}") for what in
+              ("V.codes", "V.scales", "V.zeros", "U.codes", "U.scales", "U.zeros")}
+        out.append(Group(g.start, g.count, g.bits, g.group_size, at["V.codes"], at["V.scales"],
+                         at["V.zeros"], at["U.codes"], at["U.scales"], at["U.zeros"]))
+    return FactorRecord(tuple(shape), groups[-1].stop if groups else 0, bytes(blob), out, Kind.LOWRANK_MIXED)
+
+
+def _float16_factors(shape, s, u, v, kind) -> FactorRecord:
+    """A record of one float16 group from S (k,), Û (k, m), V̂ (k, n)."""
+    rank = len(s)
+    blob = baseline_payloads.pack_lowrank(shape, s, u, v) if rank else b""
+    secs = baseline_payloads.lowrank_layout(shape, rank)
+    groups = [Group(0, rank, FLOAT16_BITS, 0, _offset(secs, "V"), 0, 0, _offset(secs, "U"), 0, 0)] if rank else []
+    return FactorRecord(tuple(shape), rank, blob, groups, kind)
+
+
+def _lowrank(dcm_file, rec) -> FactorRecord:
+    shape, rank = tuple(rec.shape), rec.params["rank"]
+    blob = _one_blob(dcm_file, rec)
+    if not rank:
+        return FactorRecord(shape, 0, b"", [], rec.kind)
+    baseline_payloads.lowrank_factors(blob, shape, rank, rec.name)  # checks layout and finite values
+    secs = baseline_payloads.lowrank_layout(shape, rank)
+    group = Group(0, rank, FLOAT16_BITS, 0, _offset(secs, "V"), 0, 0, _offset(secs, "U"), 0, 0)
+    return FactorRecord(shape, rank, bytes(blob), [group], rec.kind)
+
+
+def _sparse_lowrank(dcm_file, rec) -> FactorRecord:
+    shape = tuple(rec.shape)
+    mask, seed, groups = sparse_lowrank.parse_params(rec.params, shape, rec.name)
+    if not groups:
+        return FactorRecord(shape, 0, b"", [], rec.kind)
+    payload = sparse_lowrank.unpack_blob(_one_blob(dcm_file, rec), shape, groups, mask, seed, rec.name)
+    u, v = payload.factors(groups)
+    return _float16_factors(shape, payload.s, u, v, rec.kind)
+
+
+def _sign(dcm_file, rec) -> SignRecord:
+    m, n = shape = tuple(rec.shape)
+    blob = _one_blob(dcm_file, rec)
+    baseline_payloads.sign_delta(blob, shape, rec.params["scales"], rec.name)  # full check of the blob
+    per_row = rec.params["scales"] == SignScales.ROW
+    scales = np.frombuffer(blob, dtype="<f4", count=m if per_row else 1)
+    coded = np.broadcast_to(scales != 0, (m,)) if per_row else np.full(m, scales[0] != 0)
+    rowmap = np.where(coded, np.cumsum(coded) - 1, -1).astype("<i4")
+    secs = baseline_payloads.sign_layout(shape, rec.params["scales"], int(coded.sum()))
+    at = -(-len(blob) // 4) * 4
+    full = bytes(blob) + bytes(at - len(blob)) + rowmap.tobytes()
+    return SignRecord(shape, full, per_row, _offset(secs, "signs"), at)
+
+
+def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None):
+    """The packed form of record ``name`` of an open file, for a linear layer's weight.
+
+    ``base_weight`` (the base tensor as a storage array) is only needed for kinds
+    that are not additive (dense-delta, full), which load as a dense Δ̂.
+    """
+    rec = dcm_file.record(name)
+    if len(rec.shape) != 2:
+        raise UsageError(f"{dcm_file.path}: tensor {name!r} of shape {list(rec.shape)} is not a linear weight")
+    loaders = {Kind.LOWRANK_MIXED: _mixed, Kind.LOWRANK: _lowrank, Kind.SPARSE_LOWRANK: _sparse_lowrank,
+               Kind.SIGN: _sign}
+    if rec.kind in loaders:
+        return loaders[rec.kind](dcm_file, rec)
+    if rec.kind == Kind.SPARSE:
+        return DenseRecord(tuple(rec.shape), dcm_file.stored_delta(name))
+    if base_weight is None:
+        raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor to load as a delta")
+    return DenseRecord(tuple(rec.shape), dcm_file.delta(name, base_weight), rec.kind)

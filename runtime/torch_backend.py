@@ -1,0 +1,129 @@
+"""The torch backend: the kernels' math in plain torch ops, from the same packed bytes.
+
+For every call it unpacks the codes it needs from the buffer (the packed bytes stay
+the only copy), dequantizes in float32 exactly as the spec writes it,
+x̂ = (q − z)·s, and computes per delta t = x·V̂ᵀ, t ·= S, y += t·Û, group by
+group.  Sign records use a byte lookup table when rows start on byte
+boundaries (n a multiple of 8): y[a] = Σ_c T_c[byte(a, c)] with T_c[v] the sum of
+x over the set bits of v in chunk c, so the bits are never expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import LayerPack, Segments
+from .packed import FLOAT16_BITS
+
+LUT_MAX_TOKENS = 8  # above, expanding the bits once and one matmul is cheaper than T·m·n/8 gathers
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()  # (256, 8)
+
+
+def unpack(data: torch.Tensor, offset: int, count: int, bits: int) -> torch.Tensor:
+    """``count`` codes of ``bits`` bits, LSB-first from byte ``offset`` (spec "Bit packing"), as int32."""
+    nbytes = (count * bits + 7) // 8
+    raw = data[offset:offset + nbytes].to(torch.int32)
+    if bits == 8:
+        return raw
+    if 8 % bits == 0:  # whole codes per byte
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=data.device)
+        return ((raw.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    # 8 codes fill ``bits`` bytes exactly: join them into one 64-bit word, then cut.
+    pad = -nbytes % bits
+    raw = torch.nn.functional.pad(raw, (0, pad)).to(torch.int64).reshape(-1, bits)
+    word = (raw << (8 * torch.arange(bits, device=data.device))).sum(dim=1)
+    shifts = bits * torch.arange(8, device=data.device)
+    return ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count].to(torch.int32)
+
+
+def _view(data: torch.Tensor, offset: int, count: int, dtype) -> torch.Tensor:
+    size = torch.empty((), dtype=dtype).element_size()
+    return data[offset:offset + count * size].view(dtype)
+
+
+def dequantize(data, codes: int, scales: int, zeros: int, count: int, length: int, bits: int,
+               group_size: int) -> torch.Tensor:
+    """(count, length) float32 vectors of one factor of one bit group."""
+    if bits == FLOAT16_BITS:
+        return _view(data, codes, count * length, torch.float16).float().reshape(count, length)
+    groups = -(-length // group_size)
+    q = unpack(data, codes, count * length, bits).reshape(count, length).float()
+    s = _view(data, scales, count * groups, torch.float16).float().reshape(count, groups)
+    z = unpack(data, zeros, count * groups, bits).reshape(count, groups).float()
+    which = torch.arange(length, device=data.device) // group_size
+    return (q - z[:, which]) * s[:, which]
+
+
+def factor_delta(pack: LayerPack, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Û (k, m), S (k,), V̂ (k, n)) of delta d, float32."""
+    m, n = pack.shape
+    us, vs = [], []
+    for row in pack.group_rows:
+        if row[0] != d:
+            continue
+        _, start, count, bits, gsz, vc, vsc, vz, uc, usc, uz, s_at = row
+        vs.append(dequantize(pack.data, vc, vsc, vz, count, n, bits, gsz))
+        us.append(dequantize(pack.data, uc, usc, uz, count, m, bits, gsz))
+    rank = pack.factors[d].rank
+    s = _view(pack.data, s_at, rank, torch.float32)
+    return torch.cat(us), s, torch.cat(vs)
+
+
+def _factors(pack: LayerPack, x: torch.Tensor, seg: Segments, acc: torch.Tensor):
+    m, n = pack.shape
+    for d, rec in pack.factors.items():
+        lo, hi = _bounds(seg, d)
+        if lo == hi:
+            continue
+        xs = x[lo:hi].float()
+        rows = [r for r in pack.group_rows if r[0] == d]
+        s = _view(pack.data, rows[0][11], rec.rank, torch.float32)
+        t = torch.empty(hi - lo, rec.rank, device=x.device)
+        for _, start, count, bits, gsz, vc, vsc, vz, *_rest in rows:
+            t[:, start:start + count] = xs @ dequantize(pack.data, vc, vsc, vz, count, n, bits, gsz).T
+        t *= s
+        for _, start, count, bits, gsz, _vc, _vs, _vz, uc, usc, uz, _s in rows:
+            acc[lo:hi] += t[:, start:start + count] @ dequantize(pack.data, uc, usc, uz, count, m, bits, gsz)
+
+
+def _signs(pack: LayerPack, x: torch.Tensor, seg: Segments, acc: torch.Tensor):
+    m, n = pack.shape
+    for d, rec in pack.sign_recs.items():
+        lo, hi = _bounds(seg, d)
+        if lo == hi:
+            continue
+        _, at, signs_at, rowmap_at, per_row = pack.signs[d].tolist()
+        scales = _view(pack.data, at, m if per_row else 1, torch.float32).expand(m)
+        rowmap = _view(pack.data, rowmap_at, m, torch.int32)
+        coded = torch.nonzero(rowmap >= 0).reshape(-1)
+        if coded.numel() == 0:
+            continue
+        xs = x[lo:hi].float()
+        rows = coded.numel()
+        if n % 8 == 0 and hi - lo <= LUT_MAX_TOKENS:  # lookup tables over bytes: no bit is expanded
+            bytes_ = pack.data[signs_at:signs_at + rows * n // 8].reshape(rows, n // 8).long()
+            tables = xs.reshape(hi - lo, n // 8, 8) @ _BYTE_BITS.to(x.device).T  # (T, n/8, 256)
+            chunk = torch.arange(n // 8, device=x.device) * 256
+            positive = tables.reshape(hi - lo, -1)[:, (bytes_ + chunk).reshape(-1)].reshape(hi - lo, rows, -1).sum(2)
+        else:
+            bits = unpack(pack.data, signs_at, rows * n, 1).reshape(rows, n).float()
+            positive = xs @ bits.T
+        # Σ x·(2·bit − 1) = 2·(Σ over set bits) − Σ x
+        acc[lo:hi, coded] += (2 * positive - xs.sum(1, keepdim=True)) * scales[coded]
+
+
+def _bounds(seg: Segments, d: int) -> tuple[int, int]:
+    end = sum(seg.counts[:d + 1])
+    return end - seg.counts[d], end
+
+
+def apply(pack: LayerPack, x: torch.Tensor, seg: Segments, y: torch.Tensor) -> None:
+    """y += x·Δ̂_dᵀ for the tokens of every delta d (x, y sorted by delta)."""
+    acc = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    _factors(pack, x, seg, acc)
+    _signs(pack, x, seg, acc)
+    for d, delta in pack.dense.items():
+        lo, hi = _bounds(seg, d)
+        if lo < hi:
+            acc[lo:hi] += x[lo:hi].float() @ delta.T
+    y += acc.to(y.dtype)
