@@ -42,6 +42,9 @@ def _factor_tile(data, codes, scales, zeros, bits, group_size, vector, element, 
     if bits == 16:  # float16 vectors (lowrank records, expanded sparse-lowrank)
         ptr = (data + codes).to(tl.pointer_type(tl.float16))
         value = tl.load(ptr + vector * length + element, mask=valid, other=0.0).to(tl.float32)
+    elif bits == 32:  # float32 vectors (expanded sparse-lowrank groups that were quantized)
+        ptr = (data + codes).to(tl.pointer_type(tl.float32))
+        value = tl.load(ptr + vector * length + element, mask=valid, other=0.0)
     else:
         q = _code(data, codes, vector * length + element, bits, valid)
         groups = (length + group_size - 1) // group_size
@@ -150,7 +153,7 @@ def sign_kernel(x, y, data, signs, bounds, n, m, x_stride, y_stride,
     per_row = tl.load(row + 4)
     lo = tl.load(bounds + 2 * d)
     hi = tl.where(present != 0, tl.load(bounds + 2 * d + 1), lo)  # no sign record: nothing to add
-    coded = tl.load(rowmap + out, mask=out_ok & (present != 0), other=-1).to(tl.int64)
+    coded = tl.load(rowmap + out, mask=out < m * present, other=-1).to(tl.int64)  # present: 0 or 1
     scale = tl.load(scales + out * per_row, mask=out_ok & (coded >= 0), other=0.0)
     for m0 in range(lo, hi, BLOCK_M):
         tok = m0 + tl.arange(0, BLOCK_M).to(tl.int64)

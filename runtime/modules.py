@@ -229,7 +229,10 @@ def match_names(file_names, model_names) -> dict:
 def _owner(model: nn.Module, target: str):
     """(parent module name, module, attribute) of a tensor's dotted name."""
     module_name, _, attr = target.rpartition(".")
-    return module_name, model.get_submodule(module_name), attr
+    module = model.get_submodule(module_name)
+    if isinstance(module, (DeltaLinear, MultiDeltaLinear)):  # patched already: its tensors are the base's
+        module = module.base
+    return module_name, module, attr
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, where: str) -> None:
@@ -293,7 +296,9 @@ def patch_model(model: nn.Module, path_or_handle, *, backend: str = "auto", chec
                     raise UsageError(f"{target}: the model already carries a delta")
                 if check_base:
                     check_base_tensor(f.record(rec.name), _base_storage(rec, tensor))
-                _replace(model, module_name, DeltaLinear(base_linear, packed.load_record(f, rec.name), backend))
+                loaded = packed.load_record(f, rec.name)
+                if not (isinstance(loaded, packed.FactorRecord) and loaded.rank == 0):  # rank 0: Δ̂ = 0
+                    _replace(model, module_name, DeltaLinear(base_linear, loaded, backend))
                 continue
             value = _from_storage(_decoded(f, rec, tensor, check_base), rec.dtype)
             _set_tensor(module, attr, value, f"{f.path}: {rec.name}")

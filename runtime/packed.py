@@ -6,12 +6,15 @@ is loaded into one of three *families*, by how it is computed:
 - ``FactorRecord``: Δ̂ = Û·diag(S)·V̂ᵀ in bit groups.  ``lowrank-mixed`` keeps the
   file's blob byte for byte (codes LSB-first, vector-major; float16 scales; packed
   zero points; spec 10.7); ``lowrank`` keeps its blob too (one group of float16
-  vectors, ``bits`` 16).  ``sparse-lowrank`` (ImPart) is *expanded once at load*
-  into that float16 form: a kept element's place among the stored values is its
-  rank among the kept elements of its vector, a prefix count over the mask that a
-  GPU thread holding element j cannot get without a scan over 0..j; the expanded
-  vectors cost 2 bytes per element of Û and V̂ (k·(m+n)·2 bytes) instead of the
-  packed values, and the kernels stay the two of ``lowrank-mixed``.
+  vectors, ``bits`` 16).  ``sparse-lowrank`` (ImPart) is *expanded once at load*:
+  a kept element's place among the stored values is its rank among the kept
+  elements of its vector, a prefix count over the mask that a GPU thread holding
+  element j cannot get without a scan over 0..j (and quantization groups run over
+  kept elements, so they too move with the mask).  Expanded, the mask is gone:
+  float16 groups become dense float16 vectors (zeros where dropped, bit-exact),
+  quantized groups dense float32 vectors of their (q − z)·s (exact); the cost is
+  2 or 4 bytes per element of Û and V̂ instead of the packed values, and the
+  kernels stay the two of the other factor kinds.
 - ``SignRecord``: BitDelta, Δ̂[a, b] = ±scale[a]; the file's blob, plus a row map
   (int32 per row: its row among the coded rows, −1 for a row of scale 0).
 - ``DenseRecord``: anything else (``sparse``/DARE, exact kinds): Δ̂ decoded once into
@@ -27,11 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dcm import baseline_payloads, lowrank, sparse_lowrank
+from dcm import baseline_payloads, lowrank, sections, sparse_lowrank
 from dcm.constants import Kind, SignScales
 from dcm.errors import UsageError
 
 FLOAT16_BITS = 16  # a group whose "codes" are float16 values (no scales, no zero points)
+FLOAT32_BITS = 32  # ... float32 values (expanded sparse-lowrank groups that were quantized)
 FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)
 
 
@@ -117,15 +121,6 @@ def mixed_record(shape, groups: list, blob: bytes, where: str = "record") -> Fac
     return FactorRecord(tuple(shape), groups[-1].stop if groups else 0, bytes(blob), out, Kind.LOWRANK_MIXED)
 
 
-def _float16_factors(shape, s, u, v, kind) -> FactorRecord:
-    """A record of one float16 group from S (k,), Û (k, m), V̂ (k, n)."""
-    rank = len(s)
-    blob = baseline_payloads.pack_lowrank(shape, s, u, v) if rank else b""
-    secs = baseline_payloads.lowrank_layout(shape, rank)
-    groups = [Group(0, rank, FLOAT16_BITS, 0, _offset(secs, "V"), 0, 0, _offset(secs, "U"), 0, 0)] if rank else []
-    return FactorRecord(tuple(shape), rank, blob, groups, kind)
-
-
 def _lowrank(dcm_file, rec) -> FactorRecord:
     shape, rank = tuple(rec.shape), rec.params["rank"]
     blob = _one_blob(dcm_file, rec)
@@ -144,7 +139,22 @@ def _sparse_lowrank(dcm_file, rec) -> FactorRecord:
         return FactorRecord(shape, 0, b"", [], rec.kind)
     payload = sparse_lowrank.unpack_blob(_one_blob(dcm_file, rec), shape, groups, mask, seed, rec.name)
     u, v = payload.factors(groups)
-    return _float16_factors(shape, payload.s, u, v, rec.kind)
+    return expanded_record(shape, groups, payload.s, u, v)
+
+
+def expanded_record(shape, groups, s, u, v) -> FactorRecord:
+    """Dense factors Û (k, m), V̂ (k, n) in bit groups: float16 groups stay float16 (exact),
+    quantized ones become float32 (their values (q − z)·s are float32 in the spec)."""
+    parts, data = [("S", len(s) * 4)], {"S": np.asarray(s, dtype="<f4").tobytes()}
+    for gi, g in enumerate(groups):
+        dt = np.dtype("<f2") if g.bits == FLOAT16_BITS else np.dtype("<f4")
+        for side, values in (("V", v), ("U", u)):
+            data[f"g{gi}.{side}"] = np.ascontiguousarray(values[g.start:g.stop], dtype=dt).tobytes()
+            parts.append((f"g{gi}.{side}", len(data[f"g{gi}.{side}"])))
+    secs = sections.layout(parts)
+    out = [Group(g.start, g.count, FLOAT16_BITS if g.bits == FLOAT16_BITS else FLOAT32_BITS, 0,
+                 _offset(secs, f"g{gi}.V"), 0, 0, _offset(secs, f"g{gi}.U"), 0, 0) for gi, g in enumerate(groups)]
+    return FactorRecord(tuple(shape), groups[-1].stop, sections.join(secs, data), out, Kind.SPARSE_LOWRANK)
 
 
 def _sign(dcm_file, rec) -> SignRecord:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .layer import LayerPack, Segments
-from .packed import FLOAT16_BITS
+from .packed import FLOAT16_BITS, FLOAT32_BITS
 
 LUT_MAX_TOKENS = 8  # above, expanding the bits once and one matmul is cheaper than T·m·n/8 gathers
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()  # (256, 8)
@@ -46,6 +46,8 @@ def dequantize(data, codes: int, scales: int, zeros: int, count: int, length: in
     """(count, length) float32 vectors of one factor of one bit group."""
     if bits == FLOAT16_BITS:
         return _view(data, codes, count * length, torch.float16).float().reshape(count, length)
+    if bits == FLOAT32_BITS:
+        return _view(data, codes, count * length, torch.float32).reshape(count, length)
     groups = -(-length // group_size)
     q = unpack(data, codes, count * length, bits).reshape(count, length).float()
     s = _view(data, scales, count * groups, torch.float16).float().reshape(count, groups)

@@ -8,7 +8,14 @@ as uint8...).  Plain helpers are importable from test modules with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The runtime's Triton kernels run on the CPU under Triton's interpreter, which is
+# read when the kernels are first defined: set it before any test imports them.
+# DCM_TEST_GPU=1 (on a machine with CUDA) runs them compiled instead.
+if os.environ.get("DCM_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
