@@ -109,6 +109,10 @@ class MultiDelta:
                 raise UsageError(f"delta ids must be in 0..{self.num_deltas - 1}")
         self._ids, self._segments = delta_ids, {}
 
+    def sequences(self) -> int | None:
+        """The batch size when ids were given one per sequence (a 1-D tensor), else None."""
+        return int(self._ids.numel()) if self._ids is not None and self._ids.dim() == 1 else None
+
     def token_ids(self, leading: tuple, device) -> torch.Tensor:
         """One delta id per token of an input whose leading (non-feature) shape is ``leading``."""
         if self._ids is None:
@@ -174,6 +178,9 @@ class PerDelta(nn.Module):
 
     def forward(self, x):
         is_ids = not torch.is_floating_point(x)
+        batch = self.handle.sequences()
+        if batch and x.dim() >= 2 and x.shape[0] == 1 and batch > 1:
+            x = x.expand(batch, *x.shape[1:])  # an input shared by every sequence (BERT's position ids)
         leading = tuple(x.shape) if is_ids else tuple(x.shape[:-1])
         ids = self.handle.token_ids(leading, x.device)
         flat = x.reshape(-1) if is_ids else x.reshape(-1, x.shape[-1])

@@ -329,3 +329,36 @@ def test_real_bert_patched_matches_the_decoded_checkpoint(real_delta, backend):
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-5, rel
     assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def real_deltas(tmp_path_factory, real_delta):
+    """Three deltas of the real base: delta-come at 1/16 and 1/32, and lossless, each also decoded."""
+    path16, decoded16 = real_delta
+    root = tmp_path_factory.mktemp("real-multi")
+    out = [(path16, decoded16)]
+    for label, kwargs in (("delta-come-1-32", {"method": "delta-come", "ratio": "1/32"}), ("lossless", {})):
+        dcm.encode(REAL / "base", REAL / "finetune", root / f"{label}.dcm", **kwargs)
+        dcm.decode(root / f"{label}.dcm", REAL / "base", root / label)
+        out.append((root / f"{label}.dcm", root / label))
+    return out
+
+
+@pytest.mark.slow
+def test_real_bert_serves_three_deltas_in_one_batch(real_deltas):
+    """Embeddings, norms and every linear layer per sequence; each row equals its own decoded model."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(REAL / "base").eval()
+    handle = patch_model_multi(model, [p for p, _ in real_deltas], backend="torch")
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 999, 102, 0],
+                        [101, 2748, 3899, 2003, 102, 0], [101, 1996, 2448, 102, 0, 0]])
+    mask = (ids != 0).long()
+    which = torch.tensor([2, 0, 1, 0])
+    with torch.no_grad(), handle.use(which):
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for d, (_, decoded) in enumerate(real_deltas):
+        want_model = transformers.AutoModel.from_pretrained(decoded).eval()
+        rows = torch.nonzero(which == d).reshape(-1)
+        with torch.no_grad():
+            want = want_model(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+        assert torch.allclose(got[rows], want, atol=1e-4), (d, (got[rows] - want).abs().max())
