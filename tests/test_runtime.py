@@ -30,7 +30,8 @@ from conftest import write_checkpoint  # noqa: E402
 DEVICE = "cuda" if os.environ.get("DCM_TEST_GPU") == "1" else "cpu"
 TOKENS = (1, 3, 20)  # GEMV of 1 row, GEMV of 4 rows (one masked), tl.dot tiles of 16 (one partial)
 BLOCKS = {"gpu-tiles": GPU_BLOCKS, "interpreter-tiles": INTERPRETER_BLOCKS}
-REL_TOL = 2e-5  # float32 sums in another order than the float64 reference
+# float32 sums in another order than the float64 reference; on a GPU tl.dot of float32 is TF32.
+REL_TOL = 5e-3 if DEVICE == "cuda" else 2e-5
 
 
 def run(backend, pack, x, seg, blocks=None):
@@ -362,3 +363,21 @@ def test_real_bert_serves_three_deltas_in_one_batch(real_deltas):
         with torch.no_grad():
             want = want_model(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
         assert torch.allclose(got[rows], want, atol=1e-4), (d, (got[rows] - want).abs().max())
+
+
+def test_runtime_benchmark_prints_its_table(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "128x256", "--tokens", "1,5",
+                          "--deltas", "1,2", "--repeats", "1", "--backends", "torch,triton",
+                          "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("packed[triton]") == 4 and "Targets" in out.stdout
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {(r["deltas"], r["tokens"]) for r in rows} == {(1, 1), (1, 5), (2, 1), (2, 5)}
+    assert all(r["packed_triton_s"] > 0 and r["packed_bytes"] < r["dense_bytes"] for r in rows)
