@@ -27,7 +27,7 @@ import numpy as np
 
 from . import bitpack, quant
 from .constants import MAX_BIT_GROUPS, MAX_QUANT_GROUP_SIZE, Packing
-from .sections import Section, align4
+from .sections import Section, align4, join, split
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
 S_DTYPE = np.dtype("<f4")
@@ -150,26 +150,13 @@ def pack_blob(shape, groups: list[BitGroup], s: np.ndarray, factors: list[tuple[
             parts[f"g{gi}.{name}.codes"] = bitpack.pack(f.codes, g.bits)
             parts[f"g{gi}.{name}.scales"] = np.asarray(f.scales, dtype=quant.SCALE_DTYPE).tobytes()
             parts[f"g{gi}.{name}.zeros"] = bitpack.pack(f.zeros, g.bits)
-    out = bytearray(blob_size(shape, groups))
-    for sec in sections(shape, groups):
-        assert len(parts[sec.name]) == sec.nbytes, sec
-        out[sec.offset:sec.offset + sec.nbytes] = parts[sec.name]
-    return bytes(out)
+    return join(sections(shape, groups), parts)
 
 
 def unpack_blob(raw, shape, groups: list[BitGroup], where: str):
     """(S, [(V, U) Factor pairs]) from a raw blob; padding and values are checked."""
     m, n = shape
-    buf = memoryview(raw)
-    secs = sections(shape, groups)
-    end = 0
-    for sec in secs:
-        if any(buf[end:sec.offset]):
-            raise PayloadError(f"{where}: padding before section {sec.name} is not zero")
-        end = sec.offset + sec.nbytes
-    if len(buf) != end:
-        raise PayloadError(f"{where}: blob of {len(buf)} bytes, the layout needs {end}")
-    by_name = {sec.name: buf[sec.offset:sec.offset + sec.nbytes] for sec in secs}
+    by_name = split(raw, sections(shape, groups), where)
     s = np.frombuffer(by_name["S"], dtype=S_DTYPE).astype(np.float32)
     if not np.isfinite(s).all():
         raise PayloadError(f"{where}: S holds a value that is not finite")

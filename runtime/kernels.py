@@ -56,6 +56,14 @@ def _factor_tile(data, codes, scales, zeros, bits, group_size, vector, element, 
 
 
 @triton.jit
+def _group(row, side: tl.constexpr):
+    """(start, count, bits, group_size, codes, scales, zeros) of a group-table row; side 0 = V, 1 = U."""
+    at = row + 5 + 3 * side
+    return (tl.load(row + 1), tl.load(row + 2), tl.load(row + 3).to(tl.int32), tl.load(row + 4),
+            tl.load(at), tl.load(at + 1), tl.load(at + 2))
+
+
+@triton.jit
 def shrink_kernel(x, t, data, groups, work, bounds, n, x_stride, t_stride, n_per_split,
                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
                   USE_DOT: tl.constexpr):
@@ -65,13 +73,7 @@ def shrink_kernel(x, t, data, groups, work, bounds, n, x_stride, t_stride, n_per
     first = tl.load(work + 2 * w + 1)
     row = groups + 12 * g
     d = tl.load(row)
-    start = tl.load(row + 1)
-    count = tl.load(row + 2)
-    bits = tl.load(row + 3).to(tl.int32)
-    group_size = tl.load(row + 4)
-    codes = tl.load(row + 5)
-    scales = tl.load(row + 6)
-    zeros = tl.load(row + 7)
+    start, count, bits, group_size, codes, scales, zeros = _group(row, 0)
     lo = tl.load(bounds + 2 * d)
     hi = tl.load(bounds + 2 * d + 1)
     vec = first + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -114,13 +116,7 @@ def expand_kernel(t, y, data, groups, delta_groups, bounds, m, t_stride, y_strid
         acc = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)
         for g in range(g_first, g_last):
             row = groups + 12 * g
-            start = tl.load(row + 1)
-            count = tl.load(row + 2)
-            bits = tl.load(row + 3).to(tl.int32)
-            group_size = tl.load(row + 4)
-            codes = tl.load(row + 8)
-            scales = tl.load(row + 9)
-            zeros = tl.load(row + 10)
+            start, count, bits, group_size, codes, scales, zeros = _group(row, 1)
             s_ptr = (data + tl.load(row + 11)).to(tl.pointer_type(tl.float32))
             for v0 in range(0, count, BLOCK_V):
                 vec = v0 + tl.arange(0, BLOCK_V).to(tl.int64)

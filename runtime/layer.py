@@ -36,6 +36,11 @@ class Segments:
     bounds: torch.Tensor  # (K, 2) int64 [start, end)
     counts: list  # tokens per delta (host ints)
 
+    def span(self, d: int) -> tuple[int, int]:
+        """Rows [start, end) of delta d in the sorted batch (host ints: no device sync)."""
+        end = sum(self.counts[:d + 1])
+        return end - self.counts[d], end
+
     @property
     def max_tokens(self) -> int:
         return max(self.counts) if self.counts else 0
@@ -94,6 +99,7 @@ class LayerPack:
             spans.append([first, len(rows)])
         self.groups = torch.tensor(rows or [[0] * len(GROUP_COLUMNS)], dtype=torch.int64, device=device)
         self.group_rows = rows
+        self.spans = spans
         self.delta_groups = torch.tensor(spans, dtype=torch.int64, device=device)
         self.max_rank = max([r.rank for r in self.factors.values()], default=0)
         signs = []
@@ -103,6 +109,11 @@ class LayerPack:
             signs.append([1, at, at + rec.signs, at + rec.rowmap, int(rec.per_row)] if rec else [0, 0, 0, 0, 0])
         self.signs = torch.tensor(signs, dtype=torch.int64, device=device)
         self._work = {}
+
+    def rows(self, d: int) -> list:
+        """Delta d's rows of the group table, as host lists."""
+        first, last = self.spans[d]
+        return self.group_rows[first:last]
 
     def work(self, block_v: int) -> torch.Tensor:
         """(W, 2) int64 rows (group, first vector) of the shrink stage's programs, for ``block_v``."""

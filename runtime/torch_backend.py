@@ -60,9 +60,7 @@ def factor_delta(pack: LayerPack, d: int) -> tuple[torch.Tensor, torch.Tensor, t
     """(Û (k, m), S (k,), V̂ (k, n)) of delta d, float32."""
     m, n = pack.shape
     us, vs = [], []
-    for row in pack.group_rows:
-        if row[0] != d:
-            continue
+    for row in pack.rows(d):
         _, start, count, bits, gsz, vc, vsc, vz, uc, usc, uz, s_at = row
         vs.append(dequantize(pack.data, vc, vsc, vz, count, n, bits, gsz))
         us.append(dequantize(pack.data, uc, usc, uz, count, m, bits, gsz))
@@ -71,14 +69,19 @@ def factor_delta(pack: LayerPack, d: int) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.cat(us), s, torch.cat(vs)
 
 
+def _with_tokens(recs: dict, seg: Segments):
+    """(delta, record, first row, end row) of each delta in ``recs`` that has tokens in the batch."""
+    for d, rec in recs.items():
+        lo, hi = seg.span(d)
+        if lo < hi:
+            yield d, rec, lo, hi
+
+
 def _factors(pack: LayerPack, x: torch.Tensor, seg: Segments, acc: torch.Tensor):
     m, n = pack.shape
-    for d, rec in pack.factors.items():
-        lo, hi = _bounds(seg, d)
-        if lo == hi:
-            continue
+    for d, rec, lo, hi in _with_tokens(pack.factors, seg):
         xs = x[lo:hi].float()
-        rows = [r for r in pack.group_rows if r[0] == d]
+        rows = pack.rows(d)
         s = _view(pack.data, rows[0][11], rec.rank, torch.float32)
         t = torch.empty(hi - lo, rec.rank, device=x.device)
         few = hi - lo <= LUT_MAX_TOKENS
@@ -171,10 +174,7 @@ def expand_lut(data, codes, scales, zeros, count, length, bits, group_size, t) -
 
 def _signs(pack: LayerPack, x: torch.Tensor, seg: Segments, acc: torch.Tensor):
     m, n = pack.shape
-    for d, rec in pack.sign_recs.items():
-        lo, hi = _bounds(seg, d)
-        if lo == hi:
-            continue
+    for d, _rec, lo, hi in _with_tokens(pack.sign_recs, seg):
         _, at, signs_at, rowmap_at, per_row = pack.signs[d].tolist()
         scales = _view(pack.data, at, m if per_row else 1, torch.float32).expand(m)
         rowmap = _view(pack.data, rowmap_at, m, torch.int32)
@@ -195,18 +195,11 @@ def _signs(pack: LayerPack, x: torch.Tensor, seg: Segments, acc: torch.Tensor):
         acc[lo:hi, coded] += (2 * positive - xs.sum(1, keepdim=True)) * scales[coded]
 
 
-def _bounds(seg: Segments, d: int) -> tuple[int, int]:
-    end = sum(seg.counts[:d + 1])
-    return end - seg.counts[d], end
-
-
 def apply(pack: LayerPack, x: torch.Tensor, seg: Segments, y: torch.Tensor) -> None:
     """y += x·Δ̂_dᵀ for the tokens of every delta d (x, y sorted by delta)."""
     acc = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     _factors(pack, x, seg, acc)
     _signs(pack, x, seg, acc)
-    for d, delta in pack.dense.items():
-        lo, hi = _bounds(seg, d)
-        if lo < hi:
-            acc[lo:hi] += x[lo:hi].float() @ delta.T
+    for _d, delta, lo, hi in _with_tokens(pack.dense, seg):
+        acc[lo:hi] += x[lo:hi].float() @ delta.T
     y += acc.to(y.dtype)

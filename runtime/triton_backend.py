@@ -62,7 +62,7 @@ def apply(pack: LayerPack, x, seg: Segments, y, blocks: Blocks | None = None) ->
         kernels.sign_kernel[grid](x, y, pack.data, pack.signs, bounds, n, m, x.stride(0), y.stride(0),
                                   BLOCK_M=block_m, BLOCK_A=blocks.outputs, BLOCK_N=block_n, USE_DOT=use_dot)
     for d, delta in pack.dense.items():
-        lo, hi = int(bounds[d, 0]), int(bounds[d, 1])
+        lo, hi = seg.span(d)
         if lo < hi:
             y[lo:hi] += (x[lo:hi].to(delta.dtype) @ delta.T).to(y.dtype)
 
