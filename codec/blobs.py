@@ -64,6 +64,13 @@ def _decode_zstd(stored, raw_length: int, where: str) -> bytes:
         raise PayloadError(
             f"{where}: zstd frame declares {params.content_size} bytes, record says {raw_length}"
         )
+    # Rules 3 and 4 from the header: the one-shot decompressor below does not
+    # apply max_window_size to a frame whose content size is known.
+    if params.window_size > MAX_WINDOW_BYTES:
+        raise PayloadError(f"{where}: zstd frame asks for a {params.window_size}-byte window, "
+                           f"more than {MAX_WINDOW_BYTES}")
+    if params.dict_id:
+        raise PayloadError(f"{where}: zstd frame needs dictionary {params.dict_id}")
     if raw_length > max_zstd_output(len(stored)):
         # Checked before decompressing: zstandard allocates the declared size up front.
         raise PayloadError(f"{where}: a zstd frame of {len(stored)} bytes cannot hold {raw_length} bytes")

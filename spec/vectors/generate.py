@@ -1,0 +1,1106 @@
+"""Write the conformance vectors of spec section 19, byte for byte.
+
+    python spec/vectors/generate.py            # (re)write spec/vectors/
+    python spec/vectors/generate.py --check    # exit 1 if a committed file differs or is missing
+
+Everything comes from fixed seeds and integer arithmetic: tensor values are
+built from a SplitMix64 stream so that every float is exactly representable,
+and zstd frames are written here by hand (raw and RLE blocks; one compressed
+frame is a constant made once by libzstd), so no library version changes a
+byte.  The container is assembled here as well, not by ``dcm``'s writer, so
+that the faulty vectors can break any rule.  Payloads of the lossy kinds are
+packed with ``dcm``'s packers; the expected codes and factors are computed
+here from the values the generator chose, and ``spec/reference/`` decodes
+the same files independently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import msgpack
+import numpy as np
+
+from dcm import bitpack, lowrank, masks, sparse_lowrank
+from dcm.baseline_payloads import pack_lowrank, pack_sign, pack_sparse
+from dcm.lowrank import BitGroup, Factor
+from dcm.sparse_lowrank import Payload, Values
+
+ROOT = Path(__file__).resolve().parent
+MAGIC = b"\x89DCM\r\n\x1a\n"
+HEADER = struct.Struct("<8sHHIIIQQ20sI")
+CREATOR = "dcm conformance vectors 1"
+NP_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "U8": "<u1", "I32": "<i4"}
+KIND_NAMES = {1: "dense-delta", 2: "full", 3: "removed", 4: "lowrank-mixed", 5: "sparse-lowrank", 6: "sign",
+              7: "lowrank", 8: "sparse"}
+
+
+# --- deterministic numbers --------------------------------------------------------------------
+
+
+class Stream:
+    """SplitMix64 outputs 0, 1, 2, ... of a seed: the generator's only source of randomness."""
+
+    def __init__(self, seed: int):
+        self.seed, self.counter = seed, 0
+
+    def u32(self, count: int) -> np.ndarray:
+        out = masks.uniform32(self.seed, np.arange(self.counter, self.counter + count, dtype=np.uint64))
+        self.counter += count
+        return out.astype(np.int64)
+
+    def ints(self, count: int, low: int, high: int) -> np.ndarray:
+        """``count`` integers in [low, high)."""
+        return low + self.u32(count) % (high - low)
+
+    def floats(self, shape, dtype: str, scale_bits: int = 6) -> np.ndarray:
+        """Values k / 2^scale_bits with |k| < 128: exact in every float dtype (BF16 as bit patterns)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        values = (self.ints(count, -127, 128) / 2.0**scale_bits).astype(np.float32).reshape(shape)
+        return storage(values, dtype)
+
+
+def storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values (exact in ``dtype``) as the dtype's storage array."""
+    if dtype == "BF16":
+        return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype("<u2")
+    return np.asarray(values).astype(NP_DTYPE[dtype])
+
+
+def as_float64(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return array.astype(np.float64)
+
+
+def sha(data) -> str:
+    return hashlib.sha256(bytes(data)).hexdigest()
+
+
+# --- zstd frames, by hand (RFC 8878) ------------------------------------------------------------
+
+# A frame made once by libzstd 1.5.7 (level 19, content checksum) whose content is
+# bytes(range(32)) * 4 + bytes(64): a frame with a compressed block and a checksum.
+LIBZSTD_FRAME = bytes.fromhex(
+    "28b52ffd24c06501001402000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0002"
+    "007325011f937a0205b0bbc3")
+LIBZSTD_CONTENT = bytes(range(32)) * 4 + bytes(64)
+
+
+def zstd_frame(raw: bytes, *, content_size: int | None = -1, window_log: int | None = None, rle: bool = False,
+               dict_id: int | None = None) -> bytes:
+    """One frame of raw (or RLE, when the content is one repeated byte) blocks.
+
+    ``content_size``: -1 for len(raw), None to leave Frame_Content_Size out,
+    or a number to declare (a lie, for faulty vectors).
+    """
+    declared = len(raw) if content_size == -1 else content_size
+    fcs = b"" if declared is None else struct.pack("<Q", declared)
+    fcs_flag = 0 if declared is None else 3
+    single = window_log is None and declared is not None
+    did_flag, did = (0, b"") if dict_id is None else (2, struct.pack("<H", dict_id))
+    head = bytes([(fcs_flag << 6) | (single << 5) | did_flag])
+    window = b"" if single else bytes([(window_log - 10) << 3])
+    block = 131072 if window_log is None else min(131072, 1 << window_log)
+    return b"\x28\xb5\x2f\xfd" + head + window + did + fcs + _blocks(raw, rle, block)
+
+
+def _blocks(raw: bytes, rle: bool, size: int) -> bytes:
+    """Raw blocks, or RLE blocks where ``rle`` and a chunk is one repeated byte."""
+    chunks = [raw[i:i + size] for i in range(0, len(raw), size)] or [b""]
+    out = b""
+    for i, chunk in enumerate(chunks):
+        last = int(i == len(chunks) - 1)
+        if rle and chunk and chunk == chunk[:1] * len(chunk):
+            out += (last | 1 << 1 | len(chunk) << 3).to_bytes(3, "little") + chunk[:1]
+        else:
+            out += (last | len(chunk) << 3).to_bytes(3, "little") + chunk
+    return out
+
+
+# --- records and the container ----------------------------------------------------------------
+
+
+@dataclass
+class Blob:
+    raw: bytes
+    stored: bytes | None = None  # None: stored raw; else the stored bytes (a zstd frame)
+
+    @property
+    def encoding(self) -> int:
+        return 0 if self.stored is None else 1
+
+
+def zstd(raw: bytes, **kw) -> Blob:
+    return Blob(raw, zstd_frame(raw, **kw))
+
+
+@dataclass
+class Record:
+    name: str
+    kind: int
+    dtype: str
+    shape: tuple
+    params: dict
+    blobs: list
+    base: np.ndarray | None = None  # the base tensor (storage array), None when the base lacks the name
+    base_dtype: str | None = None
+    expected: dict | None = None  # codes, factors, delta (float64) or exact tensor
+
+
+@dataclass
+class File:
+    records: list
+    attachments: list = field(default_factory=list)  # (name, Blob)
+    alignment: int = 64
+    minor: int = 2
+    metadata: dict | None = None
+    top_ext: dict | None = None
+
+
+def base_ref(rec: Record) -> dict:
+    return {"dtype": rec.base_dtype or rec.dtype, "shape": list(rec.base.shape),
+            "sha256": hashlib.sha256(rec.base.tobytes()).digest()}
+
+
+def base_digest(records) -> bytes:
+    h = hashlib.sha256()
+    for rec in records:
+        if rec.base is not None:
+            h.update(rec.name.encode() + b"\0" + base_ref(rec)["sha256"])
+    return h.digest()
+
+
+def blob_entry(blob: Blob, offset: int) -> dict:
+    stored = blob.raw if blob.stored is None else blob.stored
+    return {"offset": offset, "length": len(stored), "encoding": blob.encoding, "raw_length": len(blob.raw),
+            "crc32": zlib.crc32(stored)}
+
+
+def index_of(f: File) -> tuple[dict, list[bytes]]:
+    """The index map and the stored bytes of every blob in file order."""
+    stored, end = [], 0
+    entries = []
+
+    def place(blob: Blob) -> dict:
+        nonlocal end
+        offset = -(-end // f.alignment) * f.alignment
+        entry = blob_entry(blob, offset)
+        stored.append((offset, blob.raw if blob.stored is None else blob.stored))
+        end = offset + entry["length"]
+        return entry
+
+    for rec in f.records:
+        entry = {"name": rec.name, "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
+                 "params": rec.params, "blobs": [place(b) for b in rec.blobs]}
+        if rec.base is not None:
+            entry["base"] = base_ref(rec)
+        entries.append(entry)
+    index = {"format": [1, f.minor], "creator": CREATOR,
+             "method": {"name": "conformance", "params": {}},
+             "base": {"digest": base_digest(f.records)}, "tensors": entries}
+    if f.attachments:
+        index["attachments"] = [{"name": name, "blob": place(blob)} for name, blob in f.attachments]
+    if f.metadata is not None:
+        index["checkpoint_metadata"] = f.metadata
+    if f.top_ext is not None:
+        index["ext"] = f.top_ext
+    return index, stored
+
+
+@dataclass
+class Edits:
+    """How a faulty vector departs from its valid source; each step is optional."""
+
+    index: Callable[[dict], None] | None = None  # edit the index map (after offsets and CRCs)
+    index_bytes: Callable[[bytes], bytes] | None = None  # edit the packed index
+    header: Callable[[dict], None] | None = None  # edit header fields (then the CRC is recomputed)
+    data: Callable[[bytearray, int], None] | None = None  # edit the data section (bytearray, data start)
+    final: Callable[[bytes], bytes] | None = None  # edit the finished file (no CRC recomputed)
+
+
+def assemble(f: File, edits: Edits = Edits()) -> bytes:
+    index, stored = index_of(f)
+    if edits.index:
+        edits.index(index)
+    index_bytes = msgpack.packb(index, use_bin_type=True)
+    if edits.index_bytes:
+        index_bytes = edits.index_bytes(index_bytes)
+    data_start = -(-(64 + len(index_bytes)) // f.alignment) * f.alignment
+    data = bytearray()
+    for offset, raw in stored:
+        data += bytes(offset - len(data)) + raw
+    if not stored:
+        data_start = 64 + len(index_bytes)
+    if edits.data:
+        edits.data(data, data_start)
+    head = {"magic": MAGIC, "major": 1, "minor": f.minor, "required": 0, "optional": 0, "alignment": f.alignment,
+            "index_length": len(index_bytes), "file_length": data_start + len(data), "reserved": bytes(20)}
+    if edits.header:
+        edits.header(head)
+    fields = HEADER.pack(*head.values(), 0)[:60]
+    out = fields + struct.pack("<I", zlib.crc32(fields + index_bytes)) + index_bytes
+    out += bytes(data_start - len(out)) + bytes(data)
+    return edits.final(out) if edits.final else out
+
+
+# --- safetensors bases -------------------------------------------------------------------------
+
+
+def safetensors_bytes(tensors: dict) -> bytes:
+    """A safetensors file of (dtype, storage array) in the given order."""
+    header, offset, body = {}, 0, b""
+    for name, (dtype, array) in tensors.items():
+        raw = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset, body = offset + len(raw), body + raw
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def base_file(f: File) -> bytes:
+    return safetensors_bytes({r.name: (r.base_dtype or r.dtype, r.base) for r in f.records if r.base is not None})
+
+
+# --- records of each kind, with what a decoder must get from them ---------------------------------
+
+
+def maybe_zstd(raw: bytes, compress: bool) -> Blob:
+    return zstd(raw) if compress else Blob(raw)
+
+
+def unsigned(array: np.ndarray) -> np.ndarray:
+    return array.view(f"<u{array.dtype.itemsize}")
+
+
+def dense_array_blobs(values: np.ndarray, layout: int, compress: bool) -> list:
+    """The dense array in ``plain`` (one blob) or ``byte-planes`` (one blob per byte) layout (10.2)."""
+    raw = np.ascontiguousarray(values).reshape(-1)
+    if layout == 0:
+        return [maybe_zstd(raw.tobytes(), compress)]
+    planes = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize)
+    return [maybe_zstd(planes[:, k].tobytes(), compress) for k in range(raw.dtype.itemsize)]
+
+
+def dense_delta(name, dtype, base, ft, *, layout=0, compress=False) -> Record:
+    bits = 8 * base.dtype.itemsize
+    top = (1 << bits) - 1
+    f, b = unsigned(ft).astype(object), unsigned(base).astype(object)
+    d = (f - b) & top
+    codes = np.array(((d << 1) ^ (0 - (d >> (bits - 1)))) & top, dtype=f"<u{bits // 8}").reshape(ft.shape)
+    return Record(name, 1, dtype, ft.shape, {"transform": 1, "layout": layout},
+                  dense_array_blobs(codes, layout, compress), base,
+                  expected={"codes": codes.tobytes(), "count": codes.size, "tensor": ft})
+
+
+def full(name, dtype, ft, *, base=None, base_dtype=None, layout=0, compress=False) -> Record:
+    return Record(name, 2, dtype, ft.shape, {"layout": layout}, dense_array_blobs(ft, layout, compress), base,
+                  base_dtype, expected={"codes": ft.tobytes(), "count": ft.size, "tensor": ft})
+
+
+def removed(name, dtype, base) -> Record:
+    return Record(name, 3, dtype, base.shape, {}, [], base, expected={})
+
+
+def product(u: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σᵢ ûᵢ sᵢ v̂ᵢᵀ in float64 and the tolerance of spec 10.7, both (m, n)."""
+    terms = (u.T.astype(np.float64)[:, None, :] * s.astype(np.float64)) * v.T.astype(np.float64)[None, :, :]
+    k = s.size
+    return terms.sum(axis=2), (k + 2) * 2.0**-23 * np.abs(terms).sum(axis=2)
+
+
+def lossy(rec: Record, codes: bytes, count: int, factors: np.ndarray, delta, bound) -> Record:
+    rec.expected = {"codes": codes, "count": count, "factors": np.asarray(factors, "<f4").tobytes(),
+                    "factor_count": int(np.asarray(factors).size), "delta": delta, "bound": bound}
+    return rec
+
+
+def random_scales(rng: Stream, count: int) -> np.ndarray:
+    """float16 scales ±k/1024, k in 1..255, negative ones included (spec 10.7 allows them)."""
+    k = rng.ints(count, 1, 256) * np.where(rng.ints(count, 0, 8) == 0, -1, 1)
+    return (k / 1024.0).astype("<f2")
+
+
+def quantized(rng: Stream, vectors: int, length: int, bits: int, group_size: int) -> Factor:
+    ng = -(-length // group_size)
+    codes = rng.ints(vectors * length, 0, 1 << bits).astype(np.uint8).reshape(vectors, length)
+    zeros = rng.ints(vectors * ng, 0, 1 << bits).astype(np.uint8).reshape(vectors, ng)
+    return Factor(codes, random_scales(rng, vectors * ng).reshape(vectors, ng), zeros)
+
+
+def dequantized(f: Factor, group_size: int) -> np.ndarray:
+    """(q − z)·s in float32, per spec 10.7."""
+    per_element = np.arange(f.codes.shape[1]) // group_size
+    return (f.codes.astype(np.float32) - f.zeros[:, per_element].astype(np.float32)) \
+        * f.scales[:, per_element].astype(np.float32)
+
+
+def singular_values(rng: Stream, k: int) -> np.ndarray:
+    return (rng.ints(k, 1, 4096) / 256.0).astype("<f4")[::-1].copy() if k else np.zeros(0, "<f4")
+
+
+def lowrank_mixed(rng: Stream, name, dtype, base, groups, *, compress=False) -> Record:
+    m, n = base.shape
+    groups = [BitGroup(*g) for g in groups]
+    s = singular_values(rng, groups[-1].stop if groups else 0)
+    pairs = [(quantized(rng, g.count, n, g.bits, g.group_size), quantized(rng, g.count, m, g.bits, g.group_size))
+             for g in groups]
+    return lowrank_mixed_record(name, dtype, base, groups, s, pairs, compress=compress)
+
+
+def lowrank_mixed_record(name, dtype, base, groups, s, pairs, *, compress=False) -> Record:
+    m, n = base.shape
+    k = s.size
+    u, v, codes = np.zeros((k, m), np.float32), np.zeros((k, n), np.float32), b""
+    for g, (fv, fu) in zip(groups, pairs):
+        v[g.start:g.stop], u[g.start:g.stop] = dequantized(fv, g.group_size), dequantized(fu, g.group_size)
+        codes += b"".join(a.astype(np.uint8).tobytes() for a in (fv.codes, fv.zeros, fu.codes, fu.zeros))
+    params = {"packing": 1, "groups": [g.as_param() for g in groups]}
+    blobs = [maybe_zstd(lowrank.pack_blob(base.shape, groups, s, pairs), compress)] if groups else []
+    rec = Record(name, 4, dtype, base.shape, params, blobs, base)
+    return lossy(rec, codes, len(codes), np.concatenate([s, v.ravel(), u.ravel()]), *product(u, s, v))
+
+
+def sparse_values(rng: Stream, g: BitGroup, keep: np.ndarray) -> tuple[Values, np.ndarray, bytes]:
+    """(Values, dense float32 vectors, codes) of one side of one bit group."""
+    counts = keep.sum(axis=1)
+    dense = np.zeros(keep.shape, np.float32)
+    if g.bits == 16:
+        vals = storage(rng.ints(int(counts.sum()), -127, 128) / 64.0, "F16")
+        dense[keep] = vals.astype(np.float32)
+        return Values(vals), dense, b""
+    qg = int((-(-counts // g.group_size)).sum())
+    codes = rng.ints(int(counts.sum()), 0, 1 << g.bits).astype(np.uint8)
+    zeros = rng.ints(qg, 0, 1 << g.bits).astype(np.uint8)
+    scales = random_scales(rng, qg)
+    gid = sparse_lowrank.group_ids(counts, g.group_size)
+    dense[keep] = (codes.astype(np.float32) - zeros[gid].astype(np.float32)) * scales[gid].astype(np.float32)
+    return Values(codes, scales, zeros), dense, codes.tobytes() + zeros.tobytes()
+
+
+def sparse_lowrank_rec(rng: Stream, name, dtype, base, groups, *, mask, seed=0, drops=None,
+                       keep_share=0.5, compress=False) -> Record:
+    m, n = base.shape
+    groups = [BitGroup(*g) for g in groups]
+    k = groups[-1].stop if groups else 0
+    s = singular_values(rng, k)
+    if mask == 1:
+        drops = np.asarray(drops, dtype="<u4")
+        v_keep, u_keep = sparse_lowrank.hash_keep(seed, drops, base.shape)
+    else:
+        limit = int(keep_share * 2**32)
+        v_keep = rng.u32(k * n).reshape(k, n) < limit
+        u_keep = rng.u32(k * m).reshape(k, m) < limit
+    u, v = np.zeros((k, m), np.float32), np.zeros((k, n), np.float32)
+    values, codes = [], v_keep.astype(np.uint8).tobytes() + u_keep.astype(np.uint8).tobytes()
+    for g in groups:
+        vv, v[g.start:g.stop], vc = sparse_values(rng, g, v_keep[g.start:g.stop])
+        uv, u[g.start:g.stop], uc = sparse_values(rng, g, u_keep[g.start:g.stop])
+        values.append((vv, uv))
+        codes += vc + uc
+    params = {"packing": 1, "mask": mask, "seed": seed, "groups": [g.as_param() for g in groups]}
+    blobs = []
+    if groups:
+        payload = Payload(s, drops if mask == 1 else None, v_keep, u_keep, values)
+        blobs = [maybe_zstd(sparse_lowrank.pack_blob(base.shape, groups, mask, payload), compress)]
+    rec = Record(name, 5, dtype, base.shape, params, blobs, base)
+    return lossy(rec, codes, len(codes), np.concatenate([s, v.ravel(), u.ravel()]), *product(u, s, v))
+
+
+def exact_additive(rec: Record, codes: bytes, factors: np.ndarray, delta: np.ndarray) -> Record:
+    """Kinds 6 and 8: Δ̂ is exact in float32, so the rebuilt tensor is exact too."""
+    base32 = as_float64(rec.base, rec.dtype).astype(np.float32)
+    rebuilt = storage_rounded(base32 + delta.astype(np.float32), rec.dtype)
+    rec.expected = {"codes": codes, "count": len(codes), "factors": np.asarray(factors, "<f4").tobytes(),
+                    "factor_count": int(np.asarray(factors).size), "tensor": rebuilt}
+    return rec
+
+
+def storage_rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to nearest-even into ``dtype`` (finite values only)."""
+    if dtype == "BF16":
+        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    return values.astype(NP_DTYPE[dtype])
+
+
+def sign_rec(rng: Stream, name, dtype, base, *, per_row: bool, zero_rows=(), compress=False) -> Record:
+    m, n = base.shape
+    scales = (rng.ints(m if per_row else 1, 1, 512) / 4096.0).astype("<f4")
+    for row in zero_rows:
+        scales[row] = 0.0
+    positive = rng.ints(m * n, 0, 2).astype(np.uint8).reshape(m, n)
+    alpha = scales if per_row else np.repeat(scales, m)
+    coded = alpha != 0
+    blob = pack_sign(base.shape, int(per_row), scales, positive)
+    delta = np.where(positive.astype(bool), alpha[:, None], -alpha[:, None]) * coded[:, None]
+    rec = Record(name, 6, dtype, base.shape, {"packing": 1, "scales": int(per_row)},
+                 [maybe_zstd(blob, compress)], base)
+    return exact_additive(rec, positive[coded].tobytes(), alpha, delta.astype(np.float32))
+
+
+def lowrank_rec(rng: Stream, name, dtype, base, rank: int, *, compress=False) -> Record:
+    m, n = base.shape
+    s = singular_values(rng, rank)
+    u = storage(rng.ints(rank * m, -127, 128).reshape(rank, m) / 128.0, "F16")
+    v = storage(rng.ints(rank * n, -127, 128).reshape(rank, n) / 128.0, "F16")
+    blobs = [maybe_zstd(pack_lowrank(base.shape, s, u, v), compress)] if rank else []
+    rec = Record(name, 7, dtype, base.shape, {"rank": rank}, blobs, base)
+    u32, v32 = u.astype(np.float32), v.astype(np.float32)
+    return lossy(rec, None, 0, np.concatenate([s, v32.ravel(), u32.ravel()]), *product(u32, s, v32))
+
+
+def sparse_rec(rng: Stream, name, dtype, base, *, mask, seed=0, drop=0, keep_share=0.5, compress=False) -> Record:
+    count = base.size
+    if mask == 1:
+        keep = masks.kept_flat(seed, count, drop)
+    else:
+        keep = rng.u32(count) < int(keep_share * 2**32)
+    values = storage(rng.ints(int(keep.sum()), -127, 128) / 256.0, "F16")
+    delta = np.zeros(count, np.float32)
+    delta[keep] = values.astype(np.float32)
+    blob = pack_sparse(count, mask, keep, values)
+    rec = Record(name, 8, dtype, base.shape, {"packing": 1, "mask": mask, "seed": seed, "drop": drop},
+                 [maybe_zstd(blob, compress)], base)
+    return exact_additive(rec, keep.astype(np.uint8).tobytes(), delta, delta.reshape(base.shape))
+
+
+# --- the valid and uncommon vectors ----------------------------------------------------------------
+
+
+def nudged(rng: Stream, base: np.ndarray, spread: int = 3) -> np.ndarray:
+    """The base with small changes of its bit patterns: a fine-tune as dense-delta sees one."""
+    bits = unsigned(base).astype(np.int64) + rng.ints(base.size, -spread, spread + 1).reshape(base.shape)
+    return (bits % (1 << (8 * base.dtype.itemsize))).astype(unsigned(base).dtype).view(base.dtype)
+
+
+def lossless(small: bool = False) -> File:
+    """Every exact kind; ``small`` leaves out the two byte-planes tensors (the faulty vectors' source)."""
+    rng = Stream(1)
+    w = rng.floats((4, 6), "F16")
+    emb = rng.floats((64, 40), "BF16")
+    big = rng.floats((33, 32), "F32")
+    ids = np.arange(10, dtype=np.uint8) * 7
+    records = [dense_delta("w", "F16", w, nudged(rng, w)),
+               dense_delta("emb", "BF16", emb, nudged(rng, emb), layout=1, compress=True),
+               dense_delta("big", "F32", big, nudged(rng, big, 1 << 20), layout=1),
+               dense_delta("ids", "U8", ids, nudged(rng, ids)),
+               full("head", "F32", rng.floats((3, 5), "F32")),
+               full("pos", "I64", np.arange(7, dtype="<i8") - 3, base=np.arange(5, dtype="<i4"), base_dtype="I32"),
+               removed("gone", "I32", np.arange(9, dtype="<i4"))]
+    if small:
+        records = [r for r in records if r.name not in ("emb", "big")]
+    attachments = [("config.json", Blob(b'{"model_type": "toy"}\n')),
+                   ("tokenizer/vocab.txt", zstd(b"a\nb\nc\n" * 20))]
+    return File(records, attachments, minor=0, metadata={"format": "pt"})
+
+
+def small() -> File:
+    return lossless(small=True)
+
+
+def lowrank_mixed_file() -> File:
+    rng = Stream(2)
+    records = [lowrank_mixed(rng, "a", "F16", rng.floats((24, 40), "F16"), [[0, 2, 8, 16], [2, 6, 3, 16],
+                                                                             [6, 10, 2, 16]]),
+               lowrank_mixed(rng, "b", "BF16", rng.floats((40, 24), "BF16"),
+                             [[0, 1, 7, 5], [1, 3, 5, 24], [3, 4, 6, 128]], compress=True),
+               lowrank_mixed(rng, "c", "F32", rng.floats((16, 16), "F32"), [[0, 4, 4, 16]]),
+               full("bias", "F32", rng.floats((24,), "F32"), base=rng.floats((24,), "F32"))]
+    return File(records, minor=1)
+
+
+def sparse_lowrank_hash() -> File:
+    rng = Stream(3)
+    records = [sparse_lowrank_rec(rng, "a", "F16", rng.floats((24, 40), "F16"), [[0, 2, 16, 0], [2, 5, 4, 8]],
+                                  mask=1, seed=0x0123456789ABCDEF,
+                                  drops=[0, 0x40000000, 0x80000000, 0xC0000000, 0x20000000]),
+               sparse_lowrank_rec(rng, "b", "BF16", rng.floats((20, 12), "BF16"), [[0, 3, 3, 4]], mask=1, seed=7,
+                                  drops=[0x10000000, 0x70000000, 0xFFFFFFFF], compress=True)]
+    return File(records)
+
+
+def sparse_lowrank_bitmask() -> File:
+    rng = Stream(4)
+    return File([sparse_lowrank_rec(rng, "a", "F32", rng.floats((12, 30), "F32"), [[0, 1, 16, 0], [1, 4, 2, 7]],
+                                    mask=2, keep_share=0.6)])
+
+
+def sign_file() -> File:
+    rng = Stream(5)
+    return File([sign_rec(rng, "rows", "F32", rng.floats((8, 20), "F32"), per_row=True, zero_rows=(2, 5)),
+                 sign_rec(rng, "matrix", "BF16", rng.floats((6, 9), "BF16"), per_row=False, compress=True)])
+
+
+def lowrank_file() -> File:
+    rng = Stream(6)
+    return File([lowrank_rec(rng, "a", "F16", rng.floats((20, 12), "F16"), 3),
+                 lowrank_rec(rng, "b", "BF16", rng.floats((9, 30), "BF16"), 1, compress=True)])
+
+
+def sparse_file() -> File:
+    rng = Stream(7)
+    return File([sparse_rec(rng, "hash", "F32", rng.floats((10, 10), "F32"), mask=1, seed=42, drop=0x9999999A),
+                 sparse_rec(rng, "bitmask", "F16", rng.floats((3, 4, 5), "F16"), mask=2, keep_share=0.3),
+                 sparse_rec(rng, "zstd", "BF16", rng.floats((50,), "BF16"), mask=1, seed=2**64 - 1,
+                            drop=0x40000000, compress=True)])
+
+
+def rank_zero() -> File:
+    rng = Stream(8)
+    return File([lowrank_mixed(rng, "mixed", "F16", rng.floats((4, 5), "F16"), []),
+                 sparse_lowrank_rec(rng, "sparse", "BF16", rng.floats((3, 2), "BF16"), [], mask=1, drops=[]),
+                 lowrank_rec(rng, "plain", "F32", rng.floats((2, 7), "F32"), 0),
+                 sign_rec(rng, "sign", "F16", rng.floats((5, 17), "F16"), per_row=False, zero_rows=(0,))])
+
+
+def one_element() -> File:
+    rng = Stream(9)
+    scalar = rng.floats((), "F16")
+    return File([dense_delta("scalar", "F16", scalar, nudged(rng, scalar)),
+                 full("one", "F32", rng.floats((1,), "F32")),
+                 lowrank_mixed(rng, "mixed", "F32", rng.floats((1, 1), "F32"), [[0, 1, 8, 1]]),
+                 sparse_lowrank_rec(rng, "slr", "F16", rng.floats((1, 1), "F16"), [[0, 1, 16, 0]], mask=2,
+                                    keep_share=1.0),
+                 sparse_rec(rng, "sparse", "BF16", rng.floats((), "BF16"), mask=1, seed=3, drop=0),
+                 sign_rec(rng, "sign", "F32", rng.floats((1, 1), "F32"), per_row=True),
+                 lowrank_rec(rng, "lowrank", "F16", rng.floats((1, 1), "F16"), 1)])
+
+
+def widths() -> File:
+    rng = Stream(10)
+    groups = [[0, 1, 8, 1], [1, 2, 7, 3], [2, 3, 6, 36], [3, 4, 5, 65536], [4, 5, 4, 5], [5, 6, 3, 7],
+              [6, 8, 2, 9], [8, 12, 1, 128]]
+    return File([lowrank_mixed(rng, "w", "F16", rng.floats((20, 36), "F16"), groups),
+                 sparse_lowrank_rec(rng, "s", "F32", rng.floats((10, 14), "F32"),
+                                    [[0, 1, 8, 3], [1, 2, 1, 65536], [2, 3, 16, 0]], mask=2, keep_share=0.5)],
+                minor=2)
+
+
+def empty_attachments() -> File:
+    rng = Stream(11)
+    w = rng.floats((3, 3), "F32")
+    return File([dense_delta("w", "F32", w, nudged(rng, w))],
+                [("empty.txt", Blob(b"")), ("dir/data.bin", Blob(bytes(range(100)))), ("last-empty", Blob(b""))],
+                minor=0)
+
+
+def encodings() -> File:
+    """Every way a blob may be stored: raw, zstd raw blocks, RLE, a window descriptor, libzstd's frame."""
+    rng = Stream(12)
+    a, b = rng.floats((40, 16), "F32"), rng.floats((8, 8), "F16")
+    rec_a = dense_delta("planes", "F32", a, nudged(rng, a), layout=1)
+    rec_a.blobs = [Blob(rec_a.blobs[0].raw), zstd(rec_a.blobs[1].raw), zstd(rec_a.blobs[2].raw, rle=True),
+                   zstd(rec_a.blobs[3].raw, window_log=10, rle=True)]
+    rec_b = dense_delta("same", "F16", b, b, compress=False)
+    rec_b.blobs = [zstd(rec_b.blobs[0].raw, rle=True)]  # all codes 0: one RLE block
+    big = bytes(200000)
+    return File([rec_a, rec_b], [("libzstd.bin", Blob(LIBZSTD_CONTENT, LIBZSTD_FRAME)),
+                                 ("two-blocks.bin", zstd(big, rle=True))], minor=0)
+
+
+def aligned(alignment: int, seed: int, attachments: bool) -> Callable[[], File]:
+    def build() -> File:
+        rng = Stream(seed)
+        w = rng.floats((2, 3), "F16")
+        return File([dense_delta("w", "F16", w, nudged(rng, w)), full("b", "F32", rng.floats((65,), "F32"))],
+                    [("note.txt", Blob(b"x"))] if attachments else [], alignment=alignment, minor=0)
+    return build
+
+
+def empty_tensors() -> File:
+    empty = np.zeros((0,), "<f4")
+    return File([dense_delta("plain", "F32", empty, empty),
+                 dense_delta("planes", "F32", empty, empty, layout=1),
+                 full("new", "F16", np.zeros((3, 0), "<f2")),
+                 removed("gone", "I64", np.zeros((0, 2), "<i8"))], minor=0)
+
+
+def no_records() -> File:
+    return File([], minor=0)
+
+
+def unicode_names() -> File:
+    rng = Stream(13)
+    w = rng.floats((2, 2), "BF16")
+    return File([dense_delta("层.权重", "BF16", w, nudged(rng, w)), full("emoji 🙂", "U8", np.arange(3, dtype="<u1")),
+                 removed("ü", "F16", rng.floats((2,), "F16"))], [("docs/résumé.md", Blob("é".encode()))], minor=0)
+
+
+def sparse_extremes() -> File:
+    rng = Stream(14)
+    return File([sparse_rec(rng, "keep-all", "F32", rng.floats((4, 4), "F32"), mask=1, seed=5, drop=0),
+                 sparse_rec(rng, "drop-all", "F16", rng.floats((4, 4), "F16"), mask=1, seed=5, drop=2**32),
+                 sparse_lowrank_rec(rng, "drop-most", "F32", rng.floats((6, 6), "F32"), [[0, 2, 4, 2]], mask=1,
+                                    seed=9, drops=[0xFFFFFFFF, 0])])
+
+
+def long_forms(obj) -> bytes:
+    """msgpack with the longest form of every value (readers MUST accept them all, spec 6.1)."""
+    if isinstance(obj, bool) or obj is None:
+        return msgpack.packb(obj)
+    if isinstance(obj, int):
+        return b"\xcf" + struct.pack(">Q", obj) if obj >= 0 else b"\xd3" + struct.pack(">q", obj)
+    if isinstance(obj, float):
+        return b"\xcb" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        data = obj.encode()
+        return b"\xdb" + struct.pack(">I", len(data)) + data
+    if isinstance(obj, bytes):
+        return b"\xc6" + struct.pack(">I", len(obj)) + obj
+    if isinstance(obj, list):
+        return b"\xdd" + struct.pack(">I", len(obj)) + b"".join(long_forms(x) for x in obj)
+    items = list(obj.items())[::-1]  # key order carries no meaning
+    return b"\xdf" + struct.pack(">I", len(items)) + b"".join(long_forms(k) + long_forms(v) for k, v in items)
+
+
+def long_msgpack() -> tuple[File, Edits]:
+    rng = Stream(15)
+    w = rng.floats((3, 4), "F16")
+    f = File([dense_delta("w", "F16", w, nudged(rng, w)),
+              lowrank_mixed(rng, "m", "F32", rng.floats((5, 6), "F32"), [[0, 2, 3, 4]])],
+             minor=1, top_ext={"x-free": {"float": 1.5, "nil": None, "flag": True, "list": [1, -2, b"\x00"]}})
+
+    def add_ext(index):
+        index["tensors"][0]["ext"] = {"x-note": "ignored"}
+        index["tensors"][0]["blobs"][0]["ext"] = {}
+        index["method"]["params"] = {"anything": [1.25, None]}
+
+    return f, Edits(index=add_ext, index_bytes=lambda b: long_forms(msgpack.unpackb(b, raw=False)))
+
+
+def optional_flags() -> tuple[File, Edits]:
+    rng = Stream(16)
+    w = rng.floats((2, 2), "F32")
+    return File([dense_delta("w", "F32", w, nudged(rng, w))], minor=0), \
+        Edits(header=lambda h: h.update(optional=0xFFFFFFFF))
+
+
+def spec_example() -> File:
+    """The lowrank-mixed example of spec 10.7: F16 [2, 3], one 3-bit group of rank 1."""
+    base = np.array([[1, 2, 3], [4, 5, 6]], "<f2")
+    v = Factor(np.array([[5, 1, 7]], np.uint8), np.array([[0.125, 0.25]], "<f2"), np.array([[3, 0]], np.uint8))
+    u = Factor(np.array([[6, 2]], np.uint8), np.array([[0.5]], "<f2"), np.array([[4]], np.uint8))
+    rec = lowrank_mixed_record("w", "F16", base, [BitGroup(0, 1, 3, 2)], np.array([2.0], "<f4"), [(v, u)])
+    return File([rec], minor=1)
+
+
+# --- the faulty vectors ---------------------------------------------------------------------------
+
+
+def with_blob(record: int, edit: Callable[[bytes], bytes], source: Callable[[], File] = spec_example):
+    """A source file whose record's first blob has edited raw bytes (stored raw)."""
+    def build() -> File:
+        f = source()
+        f.records[record].blobs[0] = Blob(edit(f.records[record].blobs[0].raw))
+        return f
+    return build
+
+
+def poke(offset: int, value: int) -> Callable[[bytes], bytes]:
+    return lambda raw: raw[:offset] + bytes([value]) + raw[offset + 1:]
+
+
+def set_in(path: tuple, value) -> Callable[[dict], None]:
+    """Edit the index at ``path`` (keys and list positions)."""
+    def edit(index):
+        node = index
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+def header(**fields) -> Edits:
+    return Edits(header=lambda h: h.update(fields))
+
+
+def final(fn) -> Edits:
+    return Edits(final=fn)
+
+
+def dense_with_stored(stored: bytes, raw_length: int = 16) -> Callable[[], File]:
+    """A dense-delta F32 [4] record whose one blob holds ``stored`` as a zstd frame."""
+    def build() -> File:
+        base = np.arange(4, dtype="<f4")
+        rec = dense_delta("w", "F32", base, base)
+        rec.blobs = [Blob(bytes(raw_length), stored)]
+        return File([rec], minor=0)
+    return build
+
+
+def deep(depth: int):
+    node: object = 0
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def replace_bytes(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
+    def edit(data: bytes) -> bytes:
+        assert data.count(old) == 1, old
+        return data.replace(old, new)
+    return edit
+
+
+def renamed_twice() -> File:
+    f = small()
+    f.records[1].name = "w"  # two records named 'w'
+    return f
+
+
+def removed_with_blob() -> File:
+    f = small()
+    f.records[4].blobs = [Blob(b"x")]
+    return f
+
+
+def without_base_ref() -> File:
+    f = spec_example()
+    f.records[0].base = None
+    return f
+
+
+def many_groups() -> File:
+    base = np.zeros((2, 70), "<f2")
+    return File([lowrank_mixed(Stream(20), "w", "F16", base, [[i, i + 1, 1, 1] for i in range(2)])], minor=1)
+
+
+def group_edit(groups) -> Callable[[dict], None]:
+    return set_in(("tensors", 0, "params", "groups"), groups)
+
+
+def bad_base(change: Callable[[dict], None]) -> Callable[[], bytes]:
+    """The base of ``small`` with one change: for the wrong-base vectors."""
+    def build() -> bytes:
+        f = small()
+        tensors = {r.name: (r.base_dtype or r.dtype, r.base) for r in f.records if r.base is not None}
+        change(tensors)
+        return safetensors_bytes(tensors)
+    return build
+
+
+def _tweak_value(tensors):
+    dtype, array = tensors["w"]
+    array = array.copy()
+    array[3, 4] += np.float16(1)
+    tensors["w"] = (dtype, array)
+
+
+VALID = [
+    # name, tier, builder, section, min minor, description
+    ("lossless", "valid", lossless, "10.4", 0,
+     "dense-delta in F16, BF16 (byte-planes, zstd), F32 (byte-planes), U8; full records with and without a base "
+     "reference (another dtype and shape); removed; two attachments; checkpoint metadata"),
+    ("small", "valid", small, "10.4", 0,
+     "dense-delta in F16 and U8, full records with and without a base reference, removed, two attachments: "
+     "the source of most faulty vectors"),
+    ("lowrank-mixed", "valid", lowrank_mixed_file, "10.7", 1,
+     "lowrank-mixed in F16, BF16 (zstd) and F32; widths 2 to 8; quantization groups that do not divide the "
+     "vectors; negative scales; a full record beside them"),
+    ("spec-example", "valid", spec_example, "10.7", 1, "the worked example of section 10.7"),
+    ("sparse-lowrank-hash", "valid", sparse_lowrank_hash, "10.9", 2,
+     "sparse-lowrank with the hash mask: float16 and 4-bit groups, drop thresholds up to 2^32 - 1, zstd"),
+    ("sparse-lowrank-bitmask", "valid", sparse_lowrank_bitmask, "10.9", 2,
+     "sparse-lowrank with a stored bitmask: a float16 group and a 2-bit group of quantization groups of 7"),
+    ("sign", "valid", sign_file, "10.10", 2, "sign with a scale per row (two rows of scale 0) and per matrix"),
+    ("lowrank", "valid", lowrank_file, "10.11", 2, "lowrank of rank 3 (F16) and rank 1 (BF16, zstd)"),
+    ("sparse", "valid", sparse_file, "10.12", 2,
+     "sparse with the hash mask (F32; BF16 with seed 2^64 - 1, zstd) and a bitmask (a 3-D F16 tensor)"),
+    ("rank-zero", "uncommon", rank_zero, "10.7", 2,
+     "rank 0: lowrank-mixed and sparse-lowrank with no groups, lowrank of rank 0 (no blobs), sign with its one "
+     "scale 0 (no sign bits)"),
+    ("one-element", "uncommon", one_element, "10.2", 2,
+     "one-element tensors of every kind: shape [] and [1], matrices [1, 1]"),
+    ("widths-1-to-8", "uncommon", widths, "11", 2,
+     "lowrank-mixed with every width from 8 down to 1 in one record, quantization groups of 1 and of 65536; "
+     "sparse-lowrank with 8-bit, 1-bit and float16 groups"),
+    ("empty-attachments", "uncommon", empty_attachments, "13", 0,
+     "attachments of 0 bytes in the middle and at the end of the file"),
+    ("encodings", "uncommon", encodings, "8", 0,
+     "raw blobs; zstd frames of raw blocks, RLE blocks, with a window descriptor, of two blocks, and libzstd's "
+     "frame with a compressed block and a content checksum"),
+    ("alignment-max", "uncommon", aligned(65536, 17, False), "7", 0, "the largest alignment, 65536: two blobs"),
+    ("alignment-min", "uncommon", aligned(8, 18, True), "7", 0, "the smallest alignment, 8"),
+    ("empty-tensors", "uncommon", empty_tensors, "10.2", 0,
+     "tensors of 0 elements: dense-delta plain and byte-planes (empty blobs), full [3, 0], removed [0, 2]"),
+    ("no-records", "uncommon", no_records, "7", 0, "no records and no attachments: the file ends after the index"),
+    ("unicode-names", "uncommon", unicode_names, "12", 0, "tensor and attachment names beyond ASCII"),
+    ("sparse-extremes", "uncommon", sparse_extremes, "10.8", 2,
+     "drop thresholds 0 (keep all) and 2^32 (drop all) of sparse; 2^32 - 1 of sparse-lowrank"),
+    ("msgpack-long-forms", "uncommon", long_msgpack, "6.1", 1,
+     "an index written with the longest msgpack form of every value, keys in reverse order, ext maps on a "
+     "record and a blob, free-form method params with floats and nil"),
+    ("optional-flags", "uncommon", optional_flags, "5", 0, "every optional flag bit set: readers ignore them"),
+]
+
+# name, source builder, edits, section, error, description (faulty vectors)
+FAULTY = [
+    ("bad-magic", small, final(lambda d: b"\x89DCN" + d[4:]), "3.1", "BadMagicError", "the magic's 4th byte"),
+    ("shorter-than-magic", small, final(lambda d: d[:7]), "3.3", "BadMagicError", "a 7-byte file"),
+    ("text-mode-transfer", small, final(lambda d: d[:4] + b"\n" + d[6:]), "3.1", "BadMagicError",
+     "CR LF turned into LF by a text-mode transfer"),
+    ("truncated-header", small, final(lambda d: d[:40]), "3.3", "TruncatedError", "40 bytes of header only"),
+    ("newer-major", small, header(major=2), "4", "UnsupportedVersionError", "major version 2"),
+    ("unknown-required-flag", small, header(required=1), "5", "UnknownFlagError", "required flag bit 0 set"),
+    ("reserved-nonzero", small, header(reserved=b"\x01" + bytes(19)), "3.3", "FormatError",
+     "a reserved header byte is 1"),
+    ("alignment-not-power-of-two", small, header(alignment=48), "3.3", "LayoutError", "alignment 48"),
+    ("alignment-too-small", small, header(alignment=4), "14", "LayoutError", "alignment 4"),
+    ("index-too-large", small, header(index_length=2**26 + 1), "14", "LimitError",
+     "index_length of 64 MiB + 1"),
+    ("truncated", small, final(lambda d: d[:-10]), "3.3", "TruncatedError", "the last 10 bytes cut off"),
+    ("trailing-bytes", small, final(lambda d: d + b"\0"), "3.3", "TrailingDataError", "one byte appended"),
+    ("index-past-end", small, Edits(header=lambda h: h.update(index_length=h["file_length"])), "3.3",
+     "TruncatedError", "index_length reaches past file_length"),
+    ("header-checksum", small, final(lambda d: d[:60] + bytes([d[60] ^ 1]) + d[61:]), "3.2",
+     "HeaderChecksumError", "one bit of header_crc32 flipped"),
+    ("index-bit-flip", small, final(lambda d: d[:100] + bytes([d[100] ^ 4]) + d[101:]), "3.2",
+     "HeaderChecksumError", "one bit of the index flipped"),
+    ("payload-checksum", small, Edits(data=lambda data, start: data.__setitem__(3, data[3] ^ 0x10)), "8",
+     "PayloadChecksumError", "one bit of the first blob flipped"),
+    ("overlapping-payloads", small, Edits(index=set_in(("tensors", 1, "blobs", 0, "offset"), 0)), "7",
+     "LayoutError", "the second blob at offset 0, over the first"),
+    ("offset-out-of-bounds", small, Edits(index=set_in(("tensors", 0, "blobs", 0, "offset"), 2**40)), "7",
+     "LayoutError", "a blob at offset 2^40"),
+    ("misaligned-offset", small, Edits(index=set_in(("tensors", 1, "blobs", 0, "offset"), 65)), "7",
+     "LayoutError", "a blob at offset 65 with alignment 64"),
+    ("gap-after-last-blob", small, Edits(data=lambda data, start: data.extend(bytes(64))), "7", "LayoutError",
+     "64 bytes after the last blob, counted in file_length"),
+    ("nonzero-padding", small, Edits(data=lambda data, start: data.__setitem__(60, 1)), "7", "LayoutError",
+     "a padding byte between the first two blobs is 1"),
+    ("dims-overflow", small, Edits(index=set_in(("tensors", 0, "shape"), [2**32, 2**32, 2**32])), "14",
+     "LimitError", "shape [2^32, 2^32, 2^32]: each dimension fits, the product (2^96) does not"),
+    ("dim-too-large", small, Edits(index=set_in(("tensors", 2, "shape"), [2**48 + 1])), "14", "LimitError",
+     "a dimension of 2^48 + 1"),
+    ("too-many-dims", small, Edits(index=set_in(("tensors", 2, "shape"), [1] * 9)), "14", "LimitError",
+     "a shape of 9 dimensions"),
+    ("dense-length-short", with_blob(0, lambda raw: raw[:-1], small), Edits(), "10.2", "PayloadError",
+     "a plain dense-delta blob of n·w − 1 bytes"),
+    ("lowrank-length-long", with_blob(0, lambda raw: raw + bytes(4)), Edits(), "10.7", "PayloadError",
+     "a lowrank-mixed blob 4 bytes longer than its groups give"),
+    ("raw-length-differs", small, Edits(index=set_in(("tensors", 0, "blobs", 0, "raw_length"), 47)), "8",
+     "PayloadError", "a raw blob whose raw_length is not its length"),
+    ("duplicate-msgpack-key", lambda: replace(small(), top_ext={"x-a": 1, "x-b": 2}),
+     Edits(index_bytes=replace_bytes(b"x-b", b"x-a")), "6.2", "DuplicateKeyError", "a map with the key 'x-a' twice"),
+    ("duplicate-record-name", renamed_twice, Edits(), "6.6", "DuplicateKeyError", "two records named 'w'"),
+    ("unknown-kind", small, Edits(index=set_in(("tensors", 0, "kind"), 99)), "10", "UnknownKindError",
+     "record kind 99"),
+    ("unknown-packing", spec_example, Edits(index=set_in(("tensors", 0, "params", "packing"), 2)), "11",
+     "UnknownKindError", "packing 2 in a lowrank-mixed record"),
+    ("unknown-encoding", small, Edits(index=set_in(("tensors", 0, "blobs", 0, "encoding"), 7)), "8",
+     "UnknownKindError", "blob encoding 7"),
+    ("unknown-dtype", small, Edits(index=set_in(("tensors", 2, "dtype"), "F12")), "9", "UnknownKindError",
+     "dtype 'F12'"),
+    ("unknown-layout", small, Edits(index=set_in(("tensors", 0, "params", "layout"), 2)), "10.2",
+     "UnknownKindError", "layout 2"),
+    ("msgpack-too-deep", lambda: replace(small(), top_ext={"x-deep": deep(15)}), Edits(), "6.2", "LimitError",
+     "an index of depth 17 (an ext value 16 arrays deep)"),
+    ("msgpack-ext-type", lambda: replace(small(), top_ext={"x": msgpack.ExtType(5, b"!")}), Edits(), "6.2",
+     "IndexSchemaError", "an ext value (type 5) in an ext map"),
+    ("msgpack-timestamp", lambda: replace(small(), top_ext={"x": msgpack.Timestamp(0, 0)}), Edits(),
+     "6.2", "IndexSchemaError", "a timestamp (ext type -1) in an ext map"),
+    ("invalid-utf8", small, Edits(index_bytes=replace_bytes(b"vectors 1", b"vectors\xc0\xaf")), "6.2",
+     "IndexSchemaError", "an overlong UTF-8 form in the creator"),
+    ("non-string-key", lambda: replace(small(), top_ext={1: 2}), Edits(), "6.2", "IndexSchemaError",
+     "an integer map key"),
+    ("index-not-a-map", small, Edits(index_bytes=lambda b: b"\x91" + b), "6.2", "IndexSchemaError",
+     "the index map inside an array"),
+    ("index-trailing-bytes", small, Edits(index_bytes=lambda b: b + b"\xc0"), "6.2", "IndexSchemaError",
+     "a nil after the index map"),
+    ("missing-key", small, Edits(index=lambda i: i.pop("creator")), "6.5", "IndexSchemaError",
+     "no 'creator'"),
+    ("unknown-key", small, Edits(index=set_in(("tensors", 0, "colour"), 1)), "6.4", "IndexSchemaError",
+     "a record key 'colour'"),
+    ("bool-as-int", small, Edits(index=set_in(("tensors", 0, "kind"), True)), "6.3", "IndexSchemaError",
+     "a record kind true"),
+    ("negative-offset", small, Edits(index=set_in(("tensors", 0, "blobs", 0, "offset"), -1)), "6.3",
+     "IndexSchemaError", "a blob offset -1"),
+    ("empty-name", small, Edits(index=set_in(("tensors", 2, "name"), "")), "6.3", "IndexSchemaError",
+     "an empty tensor name"),
+    ("name-too-long", small, Edits(index=set_in(("tensors", 2, "name"), "n" * 513)), "14", "LimitError",
+     "a tensor name of 513 bytes"),
+    ("format-mismatch", small, Edits(index=set_in(("format",), [1, 1])), "6.5", "FormatError",
+     "index format [1, 1] in a file of header version 1.0"),
+    ("base-digest-mismatch", small, Edits(index=set_in(("base", "digest"), bytes(32))), "12", "FormatError",
+     "a base digest of zeros"),
+    ("missing-base-reference", without_base_ref, Edits(), "10.7", "IndexSchemaError",
+     "a lowrank-mixed record without its base reference"),
+    ("base-shape-differs", small, Edits(index=set_in(("tensors", 0, "base", "shape"), [6, 4])), "10.4",
+     "PayloadError", "a dense-delta record whose base reference has another shape"),
+    ("removed-with-blob", removed_with_blob, Edits(), "10.6", "PayloadError", "a removed record with a blob"),
+    ("zstd-bomb", dense_with_stored(zstd_frame(bytes(1 << 24), rle=True)), Edits(), "8", "PayloadError",
+     "a 16-byte record whose zstd frame declares and holds 16 MiB of zeros (a decompression bomb)"),
+    ("zstd-no-content-size", dense_with_stored(zstd_frame(bytes(16), content_size=None, window_log=10)), Edits(),
+     "8", "PayloadError", "a zstd frame without Frame_Content_Size"),
+    ("zstd-content-size-lies", dense_with_stored(zstd_frame(bytes(32), content_size=16)), Edits(), "8",
+     "PayloadError", "a zstd frame declaring 16 bytes that holds 32"),
+    ("zstd-trailing-frame", dense_with_stored(zstd_frame(bytes(16)) + zstd_frame(b"")), Edits(), "8",
+     "PayloadError", "a second zstd frame after the first"),
+    ("zstd-skippable-frame", dense_with_stored(b"\x50\x2a\x4d\x18" + struct.pack("<I", 16) + bytes(16)), Edits(),
+     "8", "PayloadError", "a skippable frame"),
+    ("zstd-window-too-large", dense_with_stored(zstd_frame(bytes(16), window_log=28)), Edits(), "8",
+     "PayloadError", "a zstd frame with a window of 2^28 bytes"),
+    ("zstd-dictionary", dense_with_stored(zstd_frame(bytes(16), dict_id=1)), Edits(), "8", "PayloadError",
+     "a zstd frame that needs dictionary 1"),
+    ("padding-bits", with_blob(0, poke(5, 0x81)), Edits(), "11", "PayloadError",
+     "a nonzero padding bit after the V codes of the 10.7 example"),
+    ("section-padding", with_blob(0, poke(6, 1)), Edits(), "10.7", "PayloadError",
+     "a nonzero byte between two sections of the 10.7 example"),
+    ("s-not-finite", with_blob(0, replace_bytes(b"\x00\x00\x00\x40", b"\x00\x00\xc0\x7f")), Edits(), "10.7",
+     "PayloadError", "S is a NaN"),
+    ("scale-not-finite", with_blob(0, replace_bytes(b"\x00\x30\x00\x34", b"\x00\x7c\x00\x34")), Edits(), "10.7",
+     "PayloadError", "a scale is +infinity"),
+    ("group-bits-9", spec_example, Edits(index=group_edit([[0, 1, 9, 2]])), "10.7", "PayloadError",
+     "a bit group of 9 bits"),
+    ("group-rank-above-min", spec_example, Edits(index=group_edit([[0, 3, 3, 2]])), "10.7", "PayloadError",
+     "rank 3 for a [2, 3] matrix"),
+    ("group-not-contiguous", spec_example, Edits(index=group_edit([[0, 1, 3, 2], [2, 3, 3, 2]])), "10.7",
+     "PayloadError", "a bit group that does not start where the previous one stops"),
+    ("group-malformed", spec_example, Edits(index=group_edit([[0, 1, 3]])), "10.7", "IndexSchemaError",
+     "a bit group of three ints"),
+    ("too-many-groups", many_groups, Edits(index=group_edit([[i, i + 1, 1, 1] for i in range(65)])), "14",
+     "LimitError", "65 bit groups"),
+    ("sparse-bitmask-with-seed", lambda: File([sparse_rec(Stream(21), "w", "F32", np.zeros(8, "<f4"), mask=2)]),
+     Edits(index=set_in(("tensors", 0, "params", "seed"), 5)), "10.12", "PayloadError",
+     "a sparse record with a bitmask and seed 5"),
+    ("sparse-length-differs", with_blob(0, lambda raw: raw + bytes(4), lambda: File([sparse_rec(
+        Stream(22), "w", "F32", np.zeros(16, "<f4"), mask=1, seed=1, drop=2**31)])), Edits(), "10.12",
+     "PayloadError", "a sparse blob of more values than the mask keeps"),
+    ("sign-length-differs", with_blob(0, lambda raw: raw[:-4], lambda: File([sign_rec(
+        Stream(23), "w", "F16", np.zeros((4, 40), "<f2"), per_row=True, zero_rows=(1,))])), Edits(), "10.10",
+     "PayloadError", "a sign blob missing the last coded row's bits"),
+    ("lowrank-rank-too-large", lambda: File([lowrank_rec(Stream(24), "w", "F16", np.zeros((2, 3), "<f2"), 2)]),
+     Edits(index=set_in(("tensors", 0, "params", "rank"), 3)), "10.11", "PayloadError",
+     "lowrank rank 3 for a [2, 3] matrix"),
+    ("lowrank-not-finite", with_blob(0, lambda raw: raw[:4] + b"\x00\x7e" + raw[6:], lambda: File([lowrank_rec(
+        Stream(25), "w", "F16", np.zeros((2, 3), "<f2"), 1)])), Edits(), "10.11", "PayloadError",
+     "a float16 NaN in V"),
+    ("unsafe-attachment-name", small, Edits(index=set_in(("attachments", 0, "name"), "../config.json")), "13",
+     "FormatError", "an attachment named '../config.json'"),
+    ("attachment-too-large", small, Edits(index=set_in(("attachments", 1, "blob", "raw_length"), 2**24 + 1)),
+     "14", "LimitError", "an attachment of 16 MiB + 1 raw bytes"),
+    ("wrong-base", small, Edits(), "12", "WrongBaseError", "a base whose tensor 'w' differs in one element"),
+    ("wrong-base-missing", small, Edits(), "12", "WrongBaseError", "a base without the tensor 'gone'"),
+    ("wrong-base-extra", small, Edits(), "12", "WrongBaseError", "a base with a tensor no record names"),
+]
+
+WRONG_BASES = {
+    "wrong-base": bad_base(_tweak_value),
+    "wrong-base-missing": bad_base(lambda t: t.pop("gone")),
+    "wrong-base-extra": bad_base(lambda t: t.update(extra=("F32", np.zeros(2, "<f4")))),
+}
+
+
+# --- expected results (spec 19.2) and the manifest (19.1) -----------------------------------------
+
+PRECISION = {"F32": (24, -126), "F16": (11, -14), "BF16": (8, -126)}  # significand bits, smallest exponent
+
+
+def ulp(magnitude: np.ndarray, dtype: str) -> np.ndarray:
+    """The gap between consecutive values of ``dtype`` at each magnitude (19.2)."""
+    bits, emin = PRECISION[dtype]
+    _, exp = np.frexp(magnitude)  # magnitude = f·2^exp with 0.5 ≤ f < 1, so floor(log2) = exp − 1
+    exponent = np.maximum(np.where(magnitude > 0, exp - 1, emin), emin)
+    return np.ldexp(1.0, exponent - bits + 1)
+
+
+def digest(data: bytes | None, count: int) -> dict | None:
+    return None if data is None else {"count": int(count), "sha256": sha(data)}
+
+
+def tensor_expected(rec: Record) -> dict:
+    out = {"kind": KIND_NAMES[rec.kind], "dtype": rec.dtype, "shape": list(rec.shape),
+           "codes": None, "factors": None, "sha256": None, "values": None, "atol": None}
+    e = rec.expected
+    if rec.kind == 3:
+        return out
+    out["codes"] = digest(e["codes"], e["count"])
+    if "factors" in e:
+        out["factors"] = digest(e["factors"], e["factor_count"])
+    if "tensor" in e:
+        out["sha256"] = sha(np.ascontiguousarray(e["tensor"]).tobytes())
+        return out
+    values = as_float64(rec.base, rec.dtype) + e["delta"]
+    atol = e["bound"] + ulp(np.abs(values) + e["bound"], rec.dtype)
+    out["values"], out["atol"] = values.ravel().tolist(), atol.ravel().tolist()
+    return out
+
+
+def expected_of(f: File, data: bytes) -> dict:
+    return {"sha256": sha(data), "tensors": {r.name: tensor_expected(r) for r in f.records},
+            "attachments": {name: sha(blob.raw) for name, blob in f.attachments}}
+
+
+def to_json(obj) -> bytes:
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def build_all() -> dict[str, bytes]:
+    """Every file under spec/vectors/ (except this script), by relative path."""
+    files, manifest = {}, []
+    for name, tier, builder, section, minor, description in VALID:
+        made = builder()
+        f, edits = made if isinstance(made, tuple) else (made, Edits())
+        data = assemble(f, edits)
+        folder = f"{tier}/{name}"
+        files[f"{folder}/vector.dcm"] = data
+        files[f"{folder}/base.safetensors"] = base_file(f)
+        files[f"{folder}/expected.json"] = to_json(expected_of(f, data))
+        manifest.append({"path": f"{folder}/vector.dcm", "tier": tier, "min_version": [1, minor],
+                         "section": section, "description": description, "base": f"{folder}/base.safetensors",
+                         "expected": f"{folder}/expected.json", "error": None, "needs_base": False})
+    for name, source, edits, section, error, description in FAULTY:
+        f = source()
+        files[f"faulty/{name}.dcm"] = assemble(f, edits)
+        base = None
+        if name in WRONG_BASES:
+            base = f"faulty/{name}.base.safetensors"
+            files[base] = WRONG_BASES[name]()
+        manifest.append({"path": f"faulty/{name}.dcm", "tier": "faulty", "min_version": [1, f.minor],
+                         "section": section, "description": description, "base": base, "expected": None,
+                         "error": error, "needs_base": name in WRONG_BASES})
+    files["index.json"] = to_json({"format": "dcm conformance vectors", "spec": "spec/dcm-format.md section 19",
+                                   "generator": "spec/vectors/generate.py", "vectors": manifest})
+    return files
+
+
+def on_disk() -> set[str]:
+    return {str(p.relative_to(ROOT)) for tier in ("valid", "uncommon", "faulty") if (ROOT / tier).exists()
+            for p in (ROOT / tier).rglob("*") if p.is_file()} | ({"index.json"} & {p.name for p in ROOT.iterdir()})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
+    args = parser.parse_args(argv)
+    files = build_all()
+    if args.check:
+        differ = sorted(p for p, data in files.items() if not (ROOT / p).is_file() or (ROOT / p).read_bytes() != data)
+        extra = sorted(on_disk() - set(files))
+        for p in differ:
+            print(f"differs or missing: spec/vectors/{p}")
+        for p in extra:
+            print(f"not generated: spec/vectors/{p}")
+        print(f"{len(files)} files, {len(differ)} differ, {len(extra)} extra")
+        return 1 if differ or extra else 0
+    for p in on_disk() - set(files):
+        (ROOT / p).unlink()
+    for p, data in files.items():
+        (ROOT / p).parent.mkdir(parents=True, exist_ok=True)
+        (ROOT / p).write_bytes(data)
+    print(f"wrote {len(files)} files under {ROOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
