@@ -255,3 +255,10 @@ def test_reference_decoder_runs_without_dcm():
     run = subprocess.run([sys.executable, "-c", code, str(ROOT / "spec" / "reference"), str(vector / "vector.dcm"),
                           str(vector / "base.safetensors")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "4", run.stderr
+
+
+def test_reference_decoder_selftest():
+    """The reference decoder against the spec's worked examples (the section 18 dump is read from the spec)."""
+    run = subprocess.run([sys.executable, str(ROOT / "spec" / "reference" / "selftest.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr

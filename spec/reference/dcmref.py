@@ -820,9 +820,13 @@ def sl_sizes(k, m, n, mask, groups, cv, cu):
     return sizes
 
 
-def seed_check(r):
+def seed_check(r, out_of_range=UnknownKindError):
+    """§10.9 makes a negative seed a PayloadError; §10.12 leaves it to §10.1 (UnknownKindError)."""
     def check(v):
-        int_range(r, "seed", 0, U64_MAX)(v)
+        if not _is_int(v):
+            raise IndexSchemaError(f"{r.what}: param 'seed' is not an int")
+        if not 0 <= v <= U64_MAX:
+            raise out_of_range(f"{r.what}: param seed = {v} not allowed")
         if r.params["mask"] == MASK_BITMASK and v != 0:
             raise PayloadError(f"{r.what}: seed must be 0 with mask 2")
     return check
@@ -837,7 +841,7 @@ def open_sparse_lowrank(r):
     r.params_ = {}
     check_params(r, [("packing", int_in(r, "packing", (LSB_FIRST,))),
                      ("mask", int_in(r, "mask", (MASK_HASH, MASK_BITMASK))),
-                     ("seed", seed_check(r)),
+                     ("seed", seed_check(r, PayloadError)),
                      ("groups", lambda v: r.params_.update(groups=check_groups(r, v, True)))])
     groups = r.params_["groups"]
     k = groups[-1][1] if groups else 0
@@ -874,8 +878,8 @@ def open_lowrank(r):
     def rank(v):
         if not _is_int(v):
             raise IndexSchemaError(f"{r.what}: param 'rank' is not an int")
-        if v < 0:
-            raise UnknownKindError(f"{r.what}: negative rank")
+        if v < 0:  # §10.11: outside 0..min(m, n) is a PayloadError
+            raise PayloadError(f"{r.what}: negative rank")
         if v > min(m, n):
             raise PayloadError(f"{r.what}: rank {v} exceeds min(m, n)")
     check_params(r, [("rank", rank)])
@@ -1222,8 +1226,8 @@ def rebuild(r, payload, base_raw):
         code = np.frombuffer(payload.exact, ut)
         d = (code >> ut.type(1)) ^ (np.zeros_like(code) - (code & ut.type(1)))
         return (np.frombuffer(base_raw, ut) + d).astype(ut).tobytes()
-    delta = np.asarray(payload.delta()).astype(np.float32)
     with np.errstate(all="ignore"):  # IEEE binary32 sum: overflow to ±inf, NaN stays NaN
+        delta = np.asarray(payload.delta()).astype(np.float32)
         return from_float32(r.dtype, to_float32(r.dtype, base_raw) + delta)
 
 

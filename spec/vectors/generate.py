@@ -641,7 +641,8 @@ def sparse_extremes() -> File:
     return File([sparse_rec(rng, "keep-all", "F32", rng.floats((4, 4), "F32"), mask=1, seed=5, drop=0),
                  sparse_rec(rng, "drop-all", "F16", rng.floats((4, 4), "F16"), mask=1, seed=5, drop=2**32),
                  sparse_lowrank_rec(rng, "drop-most", "F32", rng.floats((6, 6), "F32"), [[0, 2, 4, 2]], mask=1,
-                                    seed=9, drops=[0xFFFFFFFF, 0])])
+                                    seed=9, drops=[0xFFFFFFFF, 0]),
+                 sparse_rec(rng, "empty-last-section", "F32", rng.floats((4,), "F32"), mask=2, keep_share=0.0)])
 
 
 def long_forms(obj) -> bytes:
@@ -836,7 +837,8 @@ VALID = [
     ("no-records", "uncommon", no_records, "7", 0, "no records and no attachments: the file ends after the index"),
     ("unicode-names", "uncommon", unicode_names, "12", 0, "tensor and attachment names beyond ASCII"),
     ("sparse-extremes", "uncommon", sparse_extremes, "10.8", 2,
-     "drop thresholds 0 (keep all) and 2^32 (drop all) of sparse; 2^32 - 1 of sparse-lowrank"),
+     "drop thresholds 0 (keep all) and 2^32 (drop all) of sparse; 2^32 - 1 of sparse-lowrank; a bitmask sparse "
+     "record that keeps nothing (an empty last section, placed at the next multiple of 4)"),
     ("msgpack-long-forms", "uncommon", long_msgpack, "6.1", 1,
      "an index written with the longest msgpack form of every value, keys in reverse order, ext maps on a "
      "record and a blob, free-form method params with floats and nil"),
@@ -973,6 +975,19 @@ FAULTY = [
     ("sparse-bitmask-with-seed", lambda: File([sparse_rec(Stream(21), "w", "F32", np.zeros(8, "<f4"), mask=2)]),
      Edits(index=set_in(("tensors", 0, "params", "seed"), 5)), "10.12", "PayloadError",
      "a sparse record with a bitmask and seed 5"),
+    ("sparse-negative-seed", lambda: File([sparse_rec(Stream(26), "w", "F32", np.zeros(8, "<f4"), mask=1)]),
+     Edits(index=set_in(("tensors", 0, "params", "seed"), -1)), "10.12", "UnknownKindError",
+     "a sparse record with seed -1"),
+    ("sparse-drop-above-range", lambda: File([sparse_rec(Stream(27), "w", "F32", np.zeros(8, "<f4"), mask=1)]),
+     Edits(index=set_in(("tensors", 0, "params", "drop"), 2**32 + 1)), "10.12", "UnknownKindError",
+     "a sparse record with drop 2^32 + 1"),
+    ("sparse-lowrank-negative-seed", lambda: File([sparse_lowrank_rec(
+        Stream(28), "w", "F16", np.zeros((4, 5), "<f2"), [[0, 1, 16, 0]], mask=1, seed=3, drops=[0])]),
+     Edits(index=set_in(("tensors", 0, "params", "seed"), -3)), "10.9", "PayloadError",
+     "a sparse-lowrank record with seed -3"),
+    ("lowrank-negative-rank", lambda: File([lowrank_rec(Stream(29), "w", "F16", np.zeros((2, 3), "<f2"), 0)]),
+     Edits(index=set_in(("tensors", 0, "params", "rank"), -1)), "10.11", "PayloadError",
+     "lowrank rank -1"),
     ("sparse-length-differs", with_blob(0, lambda raw: raw + bytes(4), lambda: File([sparse_rec(
         Stream(22), "w", "F32", np.zeros(16, "<f4"), mask=1, seed=1, drop=2**31)])), Edits(), "10.12",
      "PayloadError", "a sparse blob of more values than the mask keeps"),
