@@ -53,10 +53,10 @@ def decode_everything(path) -> dict:
             assert tensor.shape == rec.shape, (rec.name, tensor.shape, rec.shape)
             assert tensor.dtype.itemsize == dtypes.dtype(rec.dtype).itemsize, rec.name
             out[rec.name] = hashlib.sha256(np.ascontiguousarray(tensor).tobytes()).hexdigest()
-        for name in f.attachments():
-            data = f.attachment(name)
-            assert len(data) == f._attachments[name]["raw_length"], name
-            out["attachment:" + name] = hashlib.sha256(data).hexdigest()
+        for att in f.index.get("attachments", []):
+            data = f.attachment(att["name"])
+            assert len(data) == att["blob"]["raw_length"], att["name"]
+            out["attachment:" + att["name"]] = hashlib.sha256(data).hexdigest()
     return out
 
 

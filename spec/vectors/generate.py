@@ -29,7 +29,7 @@ from typing import Callable
 import msgpack
 import numpy as np
 
-from dcm import bitpack, lowrank, masks, sparse_lowrank
+from dcm import dtypes, lowrank, masks, sparse_lowrank
 from dcm.baseline_payloads import pack_lowrank, pack_sign, pack_sparse
 from dcm.lowrank import BitGroup, Factor
 from dcm.sparse_lowrank import Payload, Values
@@ -278,10 +278,6 @@ def maybe_zstd(raw: bytes, compress: bool) -> Blob:
     return zstd(raw) if compress else Blob(raw)
 
 
-def unsigned(array: np.ndarray) -> np.ndarray:
-    return array.view(f"<u{array.dtype.itemsize}")
-
-
 def dense_array_blobs(values: np.ndarray, layout: int, compress: bool) -> list:
     """The dense array in ``plain`` (one blob) or ``byte-planes`` (one blob per byte) layout (10.2)."""
     raw = np.ascontiguousarray(values).reshape(-1)
@@ -294,7 +290,7 @@ def dense_array_blobs(values: np.ndarray, layout: int, compress: bool) -> list:
 def dense_delta(name, dtype, base, ft, *, layout=0, compress=False) -> Record:
     bits = 8 * base.dtype.itemsize
     top = (1 << bits) - 1
-    f, b = unsigned(ft).astype(object), unsigned(base).astype(object)
+    f, b = dtypes.unsigned_view(ft).astype(object), dtypes.unsigned_view(base).astype(object)
     d = (f - b) & top
     codes = np.array(((d << 1) ^ (0 - (d >> (bits - 1)))) & top, dtype=f"<u{bits // 8}").reshape(ft.shape)
     return Record(name, 1, dtype, ft.shape, {"transform": 1, "layout": layout},
@@ -419,18 +415,10 @@ def sparse_lowrank_rec(rng: Stream, name, dtype, base, groups, *, mask, seed=0, 
 def exact_additive(rec: Record, codes: bytes, factors: np.ndarray, delta: np.ndarray) -> Record:
     """Kinds 6 and 8: Δ̂ is exact in float32, so the rebuilt tensor is exact too."""
     base32 = as_float64(rec.base, rec.dtype).astype(np.float32)
-    rebuilt = storage_rounded(base32 + delta.astype(np.float32), rec.dtype)
+    rebuilt = dtypes.from_float32(base32 + delta.astype(np.float32), rec.dtype)
     rec.expected = {"codes": codes, "count": len(codes), "factors": np.asarray(factors, "<f4").tobytes(),
                     "factor_count": int(np.asarray(factors).size), "tensor": rebuilt}
     return rec
-
-
-def storage_rounded(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded to nearest-even into ``dtype`` (finite values only)."""
-    if dtype == "BF16":
-        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
-    return values.astype(NP_DTYPE[dtype])
 
 
 def sign_rec(rng: Stream, name, dtype, base, *, per_row: bool, zero_rows=(), compress=False) -> Record:
@@ -479,8 +467,9 @@ def sparse_rec(rng: Stream, name, dtype, base, *, mask, seed=0, drop=0, keep_sha
 
 def nudged(rng: Stream, base: np.ndarray, spread: int = 3) -> np.ndarray:
     """The base with small changes of its bit patterns: a fine-tune as dense-delta sees one."""
-    bits = unsigned(base).astype(np.int64) + rng.ints(base.size, -spread, spread + 1).reshape(base.shape)
-    return (bits % (1 << (8 * base.dtype.itemsize))).astype(unsigned(base).dtype).view(base.dtype)
+    patterns = dtypes.unsigned_view(base)
+    bits = patterns.astype(np.int64) + rng.ints(base.size, -spread, spread + 1).reshape(base.shape)
+    return (bits % (1 << (8 * base.dtype.itemsize))).astype(patterns.dtype).view(base.dtype)
 
 
 def lossless(small: bool = False) -> File:
