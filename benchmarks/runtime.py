@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dcm import deltacome, lowrank, quant  # noqa: E402
+from dcm import lowrank, quant  # noqa: E402
+from dcm.methods import deltacome  # noqa: E402
 from dcm.lowrank import Factor  # noqa: E402
 from dcm.runtime import LayerPack, Segments, packed, torch_backend  # noqa: E402
 

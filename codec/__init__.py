@@ -5,8 +5,7 @@
 convert between Hugging Face safetensors checkpoints and .dcm files.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .decode import decode  # noqa: E402
 from .encode import encode  # noqa: E402
 from .errors import DcmError  # noqa: E402

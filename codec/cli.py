@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import EXIT_CODES, DcmError
 
 OS_ERROR_EXIT = 3  # a missing or unreadable path is invalid input

@@ -28,7 +28,6 @@ from .constants import (
     MAX_INDEX_BYTES,
     MIN_ALIGNMENT,
     VERSION_MAJOR,
-    VERSION_MINOR,
 )
 from .errors import (
     BadMagicError,

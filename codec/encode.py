@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import __version__, methods
+from . import methods
+from ._version import __version__
 from .checkpoint import Checkpoint, TensorStream
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter

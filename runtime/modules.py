@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import dcm
-from dcm import dtypes, records
+from dcm import records
 from dcm.constants import Kind
 from dcm.errors import UsageError, WrongBaseError
 from dcm.reader import DcmFile, check_base_tensor

@@ -23,10 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dcm
-from dcm import deltacome, gptq, lowrank, quant
+from dcm import lowrank, quant
+from dcm.methods import allocate, budget, deltacome, gptq
 from dcm.cli import main
 from dcm.constants import Kind
-from dcm.deltacome import DeltaCoMe, exact_svd, parse_recipe, randomized_svd
+from dcm.methods.deltacome import DeltaCoMe, parse_recipe
+from dcm.methods.svd import exact_svd, randomized_svd
 from dcm.errors import DcmError, UsageError
 from dcm.lowrank import BitGroup
 
@@ -257,7 +259,7 @@ def test_recipe_groups_fill_the_budget():
         # the recipe's order: a prefix of 8, 8, 3 × 32, 2, 2, ...
         assert widths == ([8, 8] + [3] * 32 + [2] * 14)[:len(widths)]
         if len(widths) < 48:
-            bigger = deltacome.groups_from_widths(widths + [([8, 8] + [3] * 32 + [2] * 14)[len(widths)]], 16)
+            bigger = allocate.groups_from_widths(widths + [([8, 8] + [3] * 32 + [2] * 14)[len(widths)]], 16)
             assert deltacome.record_cost(name, "F16", shape, bigger) > budget
 
 
@@ -269,7 +271,7 @@ def test_recipe_groups_fill_the_budget():
     ([4, 4, 4], [[0, 3, 4]]),
 ])
 def test_groups_from_widths(widths, groups):
-    got = deltacome.groups_from_widths(widths, 32)
+    got = allocate.groups_from_widths(widths, 32)
     assert [g.as_param() for g in got] == [g + [32] for g in groups]
 
 
@@ -284,7 +286,7 @@ class _T:
 def test_property_share_budgets(entries, total):
     tensors = [_T(f"t{i}", (m, n)) for i, (m, n, _) in enumerate(entries)]
     floors = {f"t{i}": f for i, (_, _, f) in enumerate(entries)}
-    shares = deltacome.share_budgets(tensors, total, lambda t: floors[t.name])
+    shares = budget.share_budgets(tensors, total, lambda t: floors[t.name])
     assert set(shares) == set(floors)
     if sum(floors.values()) <= total:
         assert sum(shares.values()) <= total

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dcm import deltacome, quant
-from dcm.deltacome import exact_svd, randomized_svd
+from dcm import quant
+from dcm.methods import svd
+from dcm.methods.svd import exact_svd, randomized_svd
 
 
 def long_tailed(rng, m, n, decay=0.8) -> np.ndarray:
@@ -25,7 +26,7 @@ def test_randomized_svd_backends(backend, monkeypatch):
     if backend == "torch":
         pytest.importorskip("torch")
     else:
-        monkeypatch.setattr(deltacome, "_torch", lambda: None)
+        monkeypatch.setattr(svd, "_torch", lambda: None)
     a = long_tailed(np.random.default_rng(3), 320, 240)
     k = 40
     approx, exact = randomized_svd(a, k, oversample=16, power_iters=2, seed=1), exact_svd(a)
@@ -44,7 +45,7 @@ def test_randomized_svd_backends_agree(monkeypatch):
     pytest.importorskip("torch")
     a = long_tailed(np.random.default_rng(4), 256, 200)
     with_torch = randomized_svd(a, 30, oversample=16, power_iters=2, seed=5)
-    monkeypatch.setattr(deltacome, "_torch", lambda: None)
+    monkeypatch.setattr(svd, "_torch", lambda: None)
     without = randomized_svd(a, 30, oversample=16, power_iters=2, seed=5)
     np.testing.assert_allclose(with_torch.s, without.s, rtol=1e-4)
     # the same vectors, up to sign

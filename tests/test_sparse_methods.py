@@ -17,11 +17,12 @@ import pytest
 import zstandard
 
 import dcm
-from dcm import baseline_payloads, gptq, masks, quant, sparse_lowrank
+from dcm import baseline_payloads, masks, quant, sparse_lowrank
+from dcm.methods import gptq
 from dcm.cli import main
 from dcm.constants import Kind, MaskEncoding, SignScales
 from dcm.errors import DcmError, IndexSchemaError, PayloadError, UnknownKindError, UsageError
-from dcm.impart import sparsities
+from dcm.methods.impart import sparsities
 from dcm.lowrank import BitGroup
 from dcm.records import KINDS
 from dcm.sparse_lowrank import Payload, Values
@@ -469,7 +470,7 @@ def test_impart_schedule():
 
 def test_impart_is_unbiased_over_seeds(pair):
     """E[Δ̂] over masks is the rank-k product: the rescale 1/(1 − p) is applied."""
-    from dcm.impart import ImPart
+    from dcm.methods.impart import ImPart
     _, _, base_t, ft_t = pair
     delta = ft_t["b.weight"].astype(np.float32) - base_t["b.weight"]
     sums, runs, ref = 0, 60, None

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import baseline_payloads, budget, dtypes, masks, sections
-from .checkpoint import TensorInfo
-from .constants import Kind, MaskEncoding, Packing, SignScales
-from .deltacome import exact_svd, rank_cap
-from .errors import UsageError
-from .methods import BudgetedMethod, register
+from .. import baseline_payloads, dtypes, masks, sections
+from ..checkpoint import TensorInfo
+from ..constants import Kind, MaskEncoding, Packing, SignScales
+from ..errors import UsageError
+from . import budget
+from .base import BudgetedMethod
+from .svd import exact_svd, rank_cap
 
 MASK_CHOICES = ("auto", "hash", "bitmask")
 
 
-@register
 class BitDelta(BudgetedMethod):
     """Sign bits and mean|Δ| scales; under a ratio, the rows with the largest scales (file-wide)."""
 
@@ -109,7 +109,6 @@ class BitDelta(BudgetedMethod):
         return Kind.SIGN, self._params(), [raw]
 
 
-@register
 class LowRank(BudgetedMethod):
     name = "lowrank"
 
@@ -149,7 +148,6 @@ def _mask_option(mask: str) -> str:
     return mask
 
 
-@register
 class Dare(BudgetedMethod):
     name = "dare"
 

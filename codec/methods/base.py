@@ -1,11 +1,9 @@
-"""Codec profiles: which record each tensor gets, and the choices recorded in the file.
+"""What every codec method shares: the selection of tensors, the ratio, the file-wide budget.
 
-One small class per method, registered by name (like numcodecs): ``get_config``
-returns every choice the method made, written to the index as
+``get_config`` returns every choice a method made, written to the index as
 ``method.params`` so a file says exactly how it was made; ``from_config``
-rebuilds the method.  Lossy methods (later issues) apply to the tensors their
-selection picks (by default every 2-D float matrix) and leave the rest to
-``dense-delta``.
+rebuilds the method.  Lossy methods apply to the tensors their selection picks
+(by default every 2-D float matrix) and leave the rest to ``dense-delta``.
 """
 
 from __future__ import annotations
@@ -13,16 +11,9 @@ from __future__ import annotations
 import fnmatch
 from fractions import Fraction
 
-from . import dtypes
-from .errors import UsageError
-
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls):
-    METHODS[cls.name] = cls
-    return cls
-
+from .. import dtypes
+from ..errors import UsageError
+from .budget import FileBudget
 
 def parse_ratio(text) -> Fraction:
     """``1/16``, ``0.0625`` or a Fraction -> a ratio in (0, 1]."""
@@ -100,7 +91,6 @@ class Method:
         return has_hook and self.selection.selects(name, dtype_name, shape)
 
 
-@register
 class Lossless(Method):
     """Exact deltas of every tensor: decode reproduces the fine-tune bit for bit."""
 
@@ -136,7 +126,6 @@ class BudgetedMethod(Method):
     def plan(self, tensors, load) -> None:
         if self.ratio is None:
             return
-        from .budget import FileBudget
         self.budget = FileBudget(self.ratio, tensors, self.empty_cost)
         if self.budget.overspent():
             need = sum(self.empty_cost(t) for t in tensors)
@@ -161,18 +150,3 @@ class BudgetedMethod(Method):
 
     def code(self, name, dtype_name, shape, delta, budget):
         raise NotImplementedError
-
-
-def get_method(name: str, options: dict | None = None, **kwargs) -> Method:
-    """The method ``name`` built with the common arguments and its own ``options``."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-    try:
-        return cls(**kwargs, **(options or {}))
-    except TypeError as e:  # an option the method does not take
-        raise UsageError(f"method {name!r}: {e}") from None
-
-
-from . import baselines, deltacome, impart  # noqa: E402,F401  (register themselves; they build on Method)

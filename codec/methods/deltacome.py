@@ -43,14 +43,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import allocate, blobs, budget, dtypes, gptq, lowrank, quant
-from .calibrate import HessianCache, open_stats
-from .budget import WORST_OFFSET, share_budgets  # noqa: F401  (shared with the other lossy methods)
-from .constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
-from .errors import UsageError
-from .lowrank import BitGroup, Factor
-from .methods import Method, register
-from .records import LowrankMixed
+from .. import blobs, dtypes, lowrank, quant
+from ..calibrate import HessianCache, open_stats
+from ..constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
+from ..errors import UsageError
+from ..lowrank import BitGroup, Factor
+from ..records import LowrankMixed
+from . import allocate, budget, gptq
+from .allocate import groups_from_widths
+from .base import Method
+from .svd import Svd, exact_svd, randomized_svd, rank_cap
 
 DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
 DEFAULT_WIDTHS = (2, 3, 4, 8)
@@ -104,19 +106,6 @@ def record_cost(name: str, dtype_name: str, shape, groups: list[BitGroup],
                               None if stored is None or not groups else [stored], alignment)
 
 
-def groups_from_widths(widths, group_size: int) -> list[BitGroup]:
-    """Runs of equal widths (vectors already ordered) as bit groups; width 0 ends the rank."""
-    groups, start = [], 0
-    for i, b in enumerate(list(widths) + [0]):
-        if i and (b != widths[i - 1] or b == 0):
-            if widths[i - 1]:
-                groups.append(BitGroup(start, i, int(widths[i - 1]), group_size))
-            start = i
-        if b == 0:
-            break
-    return groups
-
-
 def recipe_groups(name, dtype_name, shape, recipe, group_size, budget: int, rank_cap: int):
     """The recipe's bit groups that fit in ``budget`` bytes (each stage filled by bisection)."""
     groups: list[BitGroup] = []
@@ -145,62 +134,6 @@ def recipe_groups(name, dtype_name, shape, recipe, group_size, budget: int, rank
 # --- the factors --------------------------------------------------------------------
 
 
-@dataclass
-class Svd:
-    u: np.ndarray  # (k, m) vector-major, float32
-    s: np.ndarray  # (k,)
-    v: np.ndarray  # (k, n)
-
-
-def _torch():
-    try:
-        import torch
-        return torch
-    except ImportError:
-        return None
-
-
-def exact_svd(delta: np.ndarray) -> Svd:
-    torch = _torch()
-    if torch is None:
-        u, s, vh = np.linalg.svd(delta, full_matrices=False)
-    else:
-        u, s, vh = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(delta), full_matrices=False))
-    return Svd(np.ascontiguousarray(u.T), s, vh)
-
-
-def randomized_svd(delta: np.ndarray, rank: int, oversample: int, power_iters: int, seed: int) -> Svd:
-    """Halko et al.: a rank+oversample sketch with power iterations, then an exact SVD of the sketch.
-
-    The sketch B = Qᵀ·Δ is factored as its transpose Δᵀ·Q: LAPACK is several
-    times faster on a tall matrix than on a wide one.
-    """
-    m, n = delta.shape
-    q = min(rank + oversample, m, n)
-    if q >= min(m, n) // 2:
-        return exact_svd(delta)  # a sketch that large saves nothing
-    torch = _torch()
-
-    def orthonormal(x):  # the Q of x's QR: torch's is ~10x faster than numpy's here
-        return np.linalg.qr(x)[0] if torch is None else torch.linalg.qr(torch.from_numpy(x))[0].numpy()
-
-    rng = np.random.default_rng(seed)
-    a = delta
-    basis = orthonormal(a @ rng.standard_normal((n, q)).astype(np.float32))
-    for _ in range(power_iters):
-        basis = orthonormal(a.T @ basis)
-        basis = orthonormal(a @ basis)
-    small = exact_svd(np.ascontiguousarray(a.T @ basis))  # Bᵀ = X·S·Yᵀ, so Δ ≈ (Q·Y)·S·Xᵀ
-    return Svd(np.ascontiguousarray(small.v @ basis.T), small.s, small.u)
-
-
-def rank_cap(s: np.ndarray, shape) -> int:
-    """Vectors worth storing: singular values above the float32 noise floor of the SVD."""
-    if not s.size or s[0] <= 0:
-        return 0
-    return int(np.count_nonzero(s > s[0] * max(shape) * np.finfo(np.float32).eps))
-
-
 # --- the method -------------------------------------------------------------------------
 
 
@@ -214,7 +147,6 @@ class Coded:
     cost: int
 
 
-@register
 class DeltaCoMe(Method):
     name = "delta-come"
     takes_ratio = True
@@ -293,9 +225,9 @@ class DeltaCoMe(Method):
             first = min(top_count if top_count is not None else 1, min(t.shape))
             group = [BitGroup(0, first, top_bits, self.group_size)] if first else []
             return record_cost(t.name, t.dtype, t.shape, group)
-        self.budgets = share_budgets(tensors, total, floor)
+        self.budgets = budget.share_budgets(tensors, total, floor)
         if sum(self.budgets.values()) > total:  # the floors alone overspend: fall back to empty records
-            self.budgets = share_budgets(tensors, total, lambda t: empty[t.name])
+            self.budgets = budget.share_budgets(tensors, total, lambda t: empty[t.name])
 
     def _plan_rd(self, tensors, load, total):
         candidates, cached = [], 0

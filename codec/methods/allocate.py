@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import blobs, lowrank, quant
+from .. import blobs, lowrank, quant
+from ..lowrank import BitGroup
+from .svd import rank_cap
 
 
 def weigh(x: np.ndarray, side) -> np.ndarray:
@@ -40,6 +42,19 @@ def vector_bytes(shape, bits: int, group_size: int) -> float:
     m, n = shape
     groups = quant.group_count(m, group_size) + quant.group_count(n, group_size)
     return bits * (m + n) / 8 + quant.SCALE_DTYPE.itemsize * groups + bits * groups / 8 + 4
+
+
+def groups_from_widths(widths, group_size: int) -> list[BitGroup]:
+    """Runs of equal widths (vectors already ordered) as bit groups; width 0 ends the rank."""
+    groups, start = [], 0
+    for i, b in enumerate(list(widths) + [0]):
+        if i and (b != widths[i - 1] or b == 0):
+            if widths[i - 1]:
+                groups.append(BitGroup(start, i, int(widths[i - 1]), group_size))
+            start = i
+        if b == 0:
+            break
+    return groups
 
 
 @dataclass
@@ -62,8 +77,6 @@ class Candidates:
         the rows of the tokens seen in training): its blob may shrink severalfold.
         The compressed share is measured on the blob of all vectors at each width.
         """
-        from .deltacome import rank_cap
-
         k = rank_cap(svd.s, shape)
         options = np.array([0, *widths])
         if not k:
@@ -102,8 +115,6 @@ def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level) -> float:
 def estimated_cost(c: Candidates, widths, record_cost, group_size) -> int:
     """The record's bytes: exact without compression; with it, the raw blob scaled by the
     measured stored share of the kept vectors' widths."""
-    from .deltacome import groups_from_widths
-
     kept = np.sort(widths[widths > 0])[::-1]
     groups = groups_from_widths(kept, group_size)
     raw_cost = record_cost(c.name, c.dtype, c.shape, groups)

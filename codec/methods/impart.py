@@ -37,15 +37,17 @@ import math
 
 import numpy as np
 
-from . import budget, gptq, masks, sections, sparse_lowrank
+from .. import masks, sections, sparse_lowrank
+from ..calibrate import HessianCache, open_stats
+from ..constants import Kind, MaskEncoding, Packing
+from ..errors import UsageError
+from ..lowrank import BitGroup
+from ..sparse_lowrank import FLOAT_BITS, Payload, Values
+from . import budget, gptq
+from .base import BudgetedMethod
 from .baselines import _mask_option
-from .calibrate import HessianCache, open_stats
-from .constants import Kind, MaskEncoding, Packing
-from .deltacome import DEFAULT_RECIPE, Svd, exact_svd, parse_recipe, rank_cap, recipe_text
-from .errors import UsageError
-from .lowrank import BitGroup
-from .methods import BudgetedMethod, register
-from .sparse_lowrank import FLOAT_BITS, Payload, Values
+from .deltacome import DEFAULT_RECIPE, parse_recipe, recipe_text
+from .svd import Svd, exact_svd, rank_cap
 
 BISECT_STEPS = 40  # bisection steps on γ: far below one element of any matrix here
 
@@ -71,7 +73,6 @@ def sparsities(s: np.ndarray, shape, alpha: float, beta: float, power: float) ->
     return p[:0]
 
 
-@register
 class ImPart(BudgetedMethod):
     name = "impart"
 
@@ -171,7 +172,6 @@ class ImPart(BudgetedMethod):
                  Values(u[g.start:g.stop][u_keep[g.start:g.stop]].astype(np.float16))) for g in groups]
 
 
-@register
 class ImPartQt(ImPart):
     name = "impart-qt"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import blobs
-from .constants import DEFAULT_ALIGNMENT
-from .index import packed_len
+from .. import blobs
+from ..constants import DEFAULT_ALIGNMENT
+from ..index import packed_len
 
 WORST_OFFSET = 2**64 - 1  # the widest msgpack integer: an index entry never grows past this estimate
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import quant
+from .. import quant
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
