@@ -427,16 +427,28 @@ def open_stats(path) -> CalibrationStats | None:
 
 
 class HessianCache:
-    """Input Hessians of one matrix at a time: a method asks for the same one several times in a row."""
+    """Input Hessians of one matrix at a time: a method asks for the same one several times in a row.
+
+    Safe when tensors are coded in parallel threads (the name and its Hessian are
+    replaced together); a copy sent to a worker process starts empty.
+    """
 
     def __init__(self, stats: CalibrationStats | None):
-        self.stats, self.name, self.value = stats, None, None
+        self.stats, self._entry = stats, (None, None)
 
     def get(self, name: str, shape):
         """The (n, n) Hessian of matrix ``name`` of ``shape`` (m, n), or None without one of that size."""
         if self.stats is None:
             return None
-        if self.name != name:
+        cached, value = self._entry
+        if cached != name:
             h = self.stats.hessian(name)
-            self.name, self.value = name, h if h is not None and h.shape == (shape[1], shape[1]) else None
-        return self.value
+            value = h if h is not None and h.shape == (shape[1], shape[1]) else None
+            self._entry = (name, value)
+        return value
+
+    def __getstate__(self):
+        return {"stats": self.stats}
+
+    def __setstate__(self, state):
+        self.__init__(state["stats"])

@@ -95,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("bitdelta")
     g.add_argument("--scales", choices=("row", "matrix"), default=None,
                    help="one scale per row (default) or per matrix")
+    g = p.add_argument_group("speed (none of these changes the file's bytes)")
+    g.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="tensors coded at once in this process, each on one thread "
+                        "(default: one per core, at most 8)")
+    g.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="code tensors in N worker processes instead (memory: N tensors' working sets)")
+    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="start a tensor only while the estimated working sets in flight stay under SIZE")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N]")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="code tensors as Ray tasks on a cluster (ADDRESS as ray.init takes it; "
+                        "alone: the running cluster, or a local one); needs dcm[ray]")
+    g.add_argument("--ray-inputs", choices=("shared", "stream"), default="shared",
+                   help="Ray workers read the checkpoints from the same paths (shared storage, default) "
+                        "or get each tensor through Ray's object store (stream)")
     p.set_defaults(func=cmd_encode)
 
     p = add("calibrate", "collect per-layer input statistics of a model on a text, for GPTQ")
@@ -127,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the base and decode every tensor against it")
     p.set_defaults(func=cmd_verify)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be a positive integer")
+    return value
 
 
 def _progress(args) -> bool:
@@ -166,9 +192,16 @@ def cmd_encode(args) -> int:
             _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
     names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    executor = None
+    if args.ray is not None:
+        from .distributed.ray import RayExecutor
+        executor = RayExecutor(None if args.ray == "auto" else args.ray, inputs=args.ray_inputs,
+                               device=args.device)
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
-                    zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args))
+                    zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
+                    threads=args.threads, workers=args.workers, executor=executor, device=args.device,
+                    max_memory=args.max_memory)
     if report.params:
         ratio = report.file_bytes / (2 * report.params)
         sizes = (f"{report.bits_per_param:.3f} bits/param, "

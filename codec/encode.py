@@ -1,21 +1,45 @@
-"""``dcm.encode``: base + fine-tune checkpoints -> one .dcm file, one tensor at a time."""
+"""``dcm.encode``: base + fine-tune checkpoints -> one .dcm file, tensors coded in parallel, one writer.
+
+The steps (``jobs.py`` holds the per-tensor work, ``parallel.py`` where it runs):
+
+1. choose how each fine-tune tensor is coded (``jobs.choose_action``) and let the
+   method plan the matrices it wants (``Method.prepare``);
+2. ``--alloc rd``-like methods measure every matrix (in the workers) and
+   allocate centrally (``Method.measure``, ``Method.allocate``);
+3. every tensor is coded by a job (in the workers), and the results are written
+   in file order by this process, the single writer, streaming: blobs go to the
+   payload file as they are accepted.
+
+Budgets: a matrix's budget is its planned share plus its part of what earlier
+matrices could not spend (``budget.Ledger``); jobs run ahead speculatively with
+the budget known when they start and are run again in the rare case that an
+earlier matrix's leftover changed it.  Whatever the executor, thread count or
+worker count, the file is the one a serial run writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from . import methods
+from . import compute, jobs, methods
 from ._version import __version__
-from .checkpoint import Checkpoint, TensorStream
+from .checkpoint import Checkpoint
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
+from .errors import UsageError
 from .index import check_index, pack_index
-from .reader import base_digest, tensor_sha256
-from .records import DenseDelta, Full
+from .jobs import Action, Job
+from .methods.budget import Ledger
+from .parallel import make_executor, run_ordered
+from .reader import base_digest
 
 
 @dataclass
@@ -26,6 +50,10 @@ class EncodeReport:
     params: int  # elements of the fine-tune's tensors
     finetune_bytes: int  # the fine-tune's own tensor bytes
     seconds: float
+    # Seconds per phase ("plan", "allocate", "code", "write") and per tensor ("measure:NAME", "code:NAME",
+    # time inside its job), for benchmarks; recoded: jobs run again after a budget changed.
+    timings: dict = field(default_factory=dict)
+    recoded: int = 0
 
     @property
     def bits_per_param(self) -> float:
@@ -36,120 +64,177 @@ def _base_ref(info, sha: bytes) -> dict:
     return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
 
 
-class _Encoder:
-    def __init__(self, base: Checkpoint, ft: Checkpoint, writer: ContainerWriter, method, bar):
-        self.base, self.ft, self.writer, self.method, self.bar = base, ft, writer, method, bar
-        self.records = []
-
-    def record(self, name, kind, info, params, raws, base_ref):
-        rec = {"name": name, "kind": int(kind), "dtype": info.dtype, "shape": list(info.shape),
-               "params": params, "blobs": [self.writer.add_blob(raw) for raw in raws]}
-        if base_ref is not None:
-            rec["base"] = base_ref
-        self.records.append(rec)
-
-    def finetune_tensor(self, name):
-        info = self.ft.info(name)
-        base_ref = None
-        if name not in self.base:
-            kind, params, raws = Kind.FULL, *self._full(name)
-        else:
-            base_info = self.base.info(name)
-            kind, params, raws, sha = self._against_base(name, info, base_info)
-            base_ref = _base_ref(base_info, sha)
-        self.record(name, kind, info, params, raws, base_ref)
-        self.bar.update(info.nbytes)
-
-    def _full(self, name):
-        return Full.encode(TensorStream(self.ft, name))
-
-    def _against_base(self, name, info, base_info):
-        """(kind, params, raws, sha256 of the base tensor), holding neither tensor whole.
-
-        Both tensors are streamed in chunks straight into the raw blobs, the base
-        hashed on the way: memory stays near the blobs, one tensor's size.
-        """
-        if (base_info.dtype, base_info.shape) != (info.dtype, info.shape):
-            # Shapes or dtypes differ: no delta to take.
-            return (Kind.FULL, *self._full(name), self.base.sha256(name))
-        if self.method.wants_tensor(name, info.dtype, info.shape):
-            return self._lossy(name, info)
-        ft, base = TensorStream(self.ft, name), TensorStream(self.base, name, sha256=True)
-        params, raws = DenseDelta.encode(ft, base)
-        return Kind.DENSE_DELTA, params, raws, base.digest()
-
-    def _lossy(self, name, info):
-        """A tensor the method wants: its hook takes both tensors whole (lossless wants none)."""
-        ft, base = self.ft.read(name), self.base.read(name)
-        sha = tensor_sha256(base)
-        lossy = self.method.encode_tensor(name, ft, base, info.dtype)
-        if lossy is not None:
-            return (*lossy, sha)
-        return (Kind.DENSE_DELTA, *DenseDelta.encode(ft, base), sha)
-
-    def removed_tensor(self, name):
-        info = self.base.info(name)
-        ref = _base_ref(info, self.base.sha256(name))
-        self.record(name, Kind.REMOVED, info, {}, [], ref)
-
-    def attachments(self):
-        out = []
-        # Checkpoint lists only files within MAX_ATTACHMENT_BYTES and refuses one that grew since.
-        for relpath in self.ft.attachments():
-            out.append({"name": relpath, "blob": self.writer.add_blob(self.ft.read_attachment(relpath))})
-        return out
-
-
-def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
-    """TensorInfo of the tensors the method will code (same dtype and shape in both, selected)."""
-    out = []
-    for name in ft.names():
-        info = ft.info(name)
-        if name in base and (base.info(name).dtype, base.info(name).shape) == (info.dtype, info.shape) \
-                and profile.wants_tensor(name, info.dtype, info.shape):
-            out.append(info)
-    return out
-
-
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
            options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
-           progress: bool = False, creator: str | None = None) -> EncodeReport:
+           progress: bool = False, creator: str | None = None, threads: int | None = None,
+           workers: int | None = None, executor=None, device: str | None = None,
+           max_memory: int | None = None) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
+    Tensors are coded ``threads`` at a time in this process (default: one per core,
+    at most 8), or by ``workers`` processes, or by ``executor`` (e.g.
+    ``dcm.distributed.ray.RayExecutor``); ``max_memory`` bounds the estimated
+    working sets of the tensors in flight.  None of these changes the file's bytes.
+    ``device`` ("cpu", "cuda") is where the lossy methods' torch numerics run.
     """
     started = time.perf_counter()
     profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
+    device = compute.check_device(device)
+    for label, value in (("threads", threads), ("workers", workers)):
+        if value is not None and (not isinstance(value, int) or value < (0 if label == "workers" else 1)):
+            raise UsageError(f"{label} must be a positive integer, got {value!r}")
+    timings: dict = {}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
             ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite) as writer:
-        profile.plan(_planned(profile, base_ckpt, ft_ckpt),
-                     lambda name: (ft_ckpt.read(name), base_ckpt.read(name)))
-        total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
-            enc = _Encoder(base_ckpt, ft_ckpt, writer, profile, bar)
-            for name in ft_ckpt.names():
-                enc.finetune_tensor(name)
-            for name in base_ckpt.names():
-                if name not in ft_ckpt:
-                    enc.removed_tensor(name)
+        tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
+        actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
+                   for t in tensors]
+        planned = [t for t, a in zip(tensors, actions) if a is Action.LOSSY]
+        profile.prepare(planned)
+        executor = executor or make_executor(threads, workers)
+        session = jobs.Session(os.path.abspath(base), os.path.abspath(finetune), profile, zstd_level, device,
+                               uuid.uuid4().hex)
+        run = _Run(session, executor, base_ckpt, ft_ckpt, writer, progress, max_memory, timings)
+        with compute.single_threaded() if planned else contextlib.nullcontext():
+            executor.start(session)
+            try:
+                plans = run.plan(planned)
+                enc = run.code(tensors, actions, plans)
+            finally:
+                executor.shutdown()
+                jobs.close_session(session.token)
+        records = enc.records
+        for name in base_ckpt.names():
+            if name not in ft_ckpt:
+                info = base_ckpt.info(name)
+                records.append({"name": name, "kind": int(Kind.REMOVED), "dtype": info.dtype,
+                                "shape": list(info.shape), "params": {}, "blobs": [],
+                                "base": _base_ref(info, base_ckpt.sha256(name))})
         config = profile.get_config()
         if profile.selection.include or profile.selection.exclude:
             config["selection"] = profile.selection.get_config()
-        refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
+        refs = [(r["name"], r["base"]["sha256"]) for r in records if "base" in r]
         index = {
-            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in enc.records])],
+            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in records])],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},
-            "tensors": enc.records,
-            "attachments": enc.attachments(),
+            "tensors": records,
+            "attachments": [{"name": rel, "blob": writer.add_blob(ft_ckpt.read_attachment(rel))}
+                            # Checkpoint lists only files within MAX_ATTACHMENT_BYTES, refuses one that grew.
+                            for rel in ft_ckpt.attachments()],
         }
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)
         check_index(index)
-        file_bytes = writer.finish(index, pack_index(index))
-        kept = [r for r in enc.records if r["kind"] != Kind.REMOVED]
+        t0 = time.perf_counter()
+        with _bar(progress, "write", writer.payload_bytes) as bar:
+            file_bytes = writer.finish(index, pack_index(index), progress=bar.update)
+        timings["write"] = time.perf_counter() - t0
+        kept = [r for r in records if r["kind"] != Kind.REMOVED]
         params = sum(math.prod(r["shape"]) for r in kept)
-    return EncodeReport(str(out), file_bytes, len(enc.records), params, total,
-                        time.perf_counter() - started)
+        total = sum(t.nbytes for t in tensors)
+    return EncodeReport(str(out), file_bytes, len(records), params, total, time.perf_counter() - started,
+                        timings, enc.recoded)
+
+
+def _bar(progress: bool, desc: str, total: int, unit: str = "B"):
+    """A progress bar on stderr, shown only for a phase that lasts more than a second."""
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=not progress, delay=1.0,
+                dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+@dataclass
+class _Coded:
+    records: list
+    recoded: int = 0
+
+
+class _Run:
+    """One encode's planning and coding over an executor; the writer stays here."""
+
+    def __init__(self, session, executor, base_ckpt, ft_ckpt, writer, progress, max_memory, timings):
+        self.session, self.executor = session, executor
+        self.base_ckpt, self.ft_ckpt, self.writer = base_ckpt, ft_ckpt, writer
+        self.progress, self.max_memory, self.timings = progress, max_memory, timings
+
+    def _job(self, info, action, plan=None) -> Job:
+        arrays = None
+        if self.executor.streams_inputs:  # the workers cannot read the paths: send the tensors
+            base = self.base_ckpt.read(info.name) if action is not Action.FULL else None
+            arrays = (self.ft_ckpt.read(info.name), base)
+        return Job(info.name, info.dtype, tuple(info.shape), action, plan, arrays,
+                   self._working_bytes(info, action))
+
+    def _working_bytes(self, info, action) -> int:
+        if action is Action.LOSSY:
+            return self.session.method.working_bytes(info)
+        return 2 * info.nbytes  # byte planes and their compressed copies
+
+    def plan(self, planned) -> dict:
+        """Each planned matrix's TensorPlan: measured in the workers when the method needs it."""
+        method = self.session.method
+        measures = {}
+        if method.measures and planned:
+            t0 = time.perf_counter()
+            with _bar(self.progress, "plan", len(planned), unit="matrix") as bar:
+                def accept(i, result):
+                    measures[planned[i].name] = result.value
+                    self.timings[f"measure:{result.name}"] = result.seconds
+                    bar.update(1)
+                    return False
+                run_ordered(self.executor, jobs.measure_tensor, len(planned),
+                            lambda i, _: self._job(planned[i], Action.LOSSY), accept=accept,
+                            working_bytes=lambda i: self._working_bytes(planned[i], Action.LOSSY),
+                            memory_limit=self.max_memory, describe=lambda i: f"tensor {planned[i].name!r}")
+            self.timings["plan"] = time.perf_counter() - t0
+            if self.progress:
+                print(f"dcm: allocating over {len(planned)} matrices", file=sys.stderr)
+        t0 = time.perf_counter()
+        plans = method.allocate(planned, measures)
+        self.timings["allocate"] = time.perf_counter() - t0
+        return plans
+
+    def code(self, tensors, actions, plans) -> _Coded:
+        method = self.session.method
+        budgets = {n: p.budget for n, p in plans.items() if p.budget is not None}
+        ledger = None
+        if method.carries_leftover and budgets:
+            ledger = Ledger(budgets, [t.name for t in tensors], {t.name: math.prod(t.shape) for t in tensors})
+        out = _Coded([])
+        submitted = set()
+
+        def version(i):
+            name = tensors[i].name
+            return ledger.budget(name) if ledger is not None and name in ledger.plans else None
+
+        def make(i, budget):
+            info, plan = tensors[i], plans.get(tensors[i].name)
+            if budget is not None:
+                plan = replace(plan, budget=budget)
+            if info.name in submitted:
+                out.recoded += 1
+            submitted.add(info.name)
+            return self._job(info, actions[i], plan)
+
+        t0 = time.perf_counter()
+        with _bar(self.progress, "encode", sum(t.nbytes for t in tensors)) as bar:
+            def accept(i, result):
+                info = tensors[i]
+                rec = {"name": info.name, "kind": result.kind, "dtype": info.dtype, "shape": list(info.shape),
+                       "params": result.params, "blobs": [self.writer.add_stored(b) for b in result.blobs]}
+                if result.base_sha256 is not None:
+                    rec["base"] = _base_ref(self.base_ckpt.info(info.name), result.base_sha256)
+                out.records.append(rec)
+                self.timings[f"code:{info.name}"] = result.seconds
+                bar.update(info.nbytes)
+                if ledger is None or result.budget is None:
+                    return False
+                return ledger.settle(info.name, result.budget, result.cost(info.dtype, info.shape))
+            run_ordered(self.executor, jobs.code_tensor, len(tensors), make, accept=accept, version=version,
+                        working_bytes=lambda i: self._working_bytes(tensors[i], actions[i]),
+                        memory_limit=self.max_memory, describe=lambda i: f"tensor {tensors[i].name!r}")
+        self.timings["code"] = time.perf_counter() - t0
+        return out

@@ -116,6 +116,10 @@ class WrongBaseError(DcmError):
     exit_code = 5
 
 
+class WorkerError(DcmError):
+    """A worker process or cluster task died while coding a tensor; nothing was written."""
+
+
 EXIT_CODES = {
     0: "success",
     1: "other dcm error",

@@ -3,7 +3,8 @@
 #
 # 1. torch==2.13.0 first: on this kind of machine pip takes the CPU build from
 #    local disk; a bare `torch` requirement would pull a multi-GB CUDA build.
-# 2. the project itself, editable, with the runtime, Hugging Face and test extras.
+# 2. the project itself, editable, with the runtime, Hugging Face, Ray and test extras
+#    (the Ray tests start a local cluster: Ray installs from its wheel, no build).
 #
 # Re-running it is cheap: pip only checks what is already there.
 # PYTHON=/path/to/python bash scripts/setup.sh picks another interpreter.
@@ -23,11 +24,11 @@ else
     "${PIP[@]}" "torch==2.13.0"
 fi
 
-echo "setup: installing dcm (editable) with extras [runtime,hf,test]"
-"${PIP[@]}" -e ".[runtime,hf,test]"
+echo "setup: installing dcm (editable) with extras [runtime,hf,ray,test]"
+"${PIP[@]}" -e ".[runtime,hf,ray,test]"
 
 "$PYTHON" - <<'PY'
-import dcm, numpy, safetensors, torch, transformers, zstandard
+import dcm, numpy, ray, safetensors, threadpoolctl, torch, transformers, zstandard
 print(f"setup: ok: dcm {dcm.__version__}, torch {torch.__version__}, "
-      f"transformers {transformers.__version__}, numpy {numpy.__version__}")
+      f"transformers {transformers.__version__}, numpy {numpy.__version__}, ray {ray.__version__}")
 PY

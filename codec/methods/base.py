@@ -9,7 +9,10 @@ rebuilds the method.  Lossy methods apply to the tensors their selection picks
 from __future__ import annotations
 
 import fnmatch
+import math
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 from .. import dtypes
 from ..errors import UsageError
@@ -44,11 +47,36 @@ class Selection:
         return {"include": self.include, "exclude": self.exclude}
 
 
+@dataclass(frozen=True)
+class TensorPlan:
+    """What planning decided for one matrix, carried to whichever worker codes it (small, picklable).
+
+    ``budget``: the bytes its record may put in the file (None: no budget);
+    ``data``: the method's own choices (delta-come ``rd``: the vector order and widths).
+    """
+
+    budget: int | None = None
+    data: Any = None
+
+
 class Method:
-    """A codec profile.  ``encode_tensor`` returns None to store a tensor as dense-delta."""
+    """A codec profile.  ``encode_tensor`` returns None to store a tensor as dense-delta.
+
+    Encoding runs in three steps so that tensors can be coded in parallel (threads,
+    worker processes, Ray tasks) and the file still comes out byte for byte the same:
+
+    1. ``prepare(tensors)``, once, in the main process: file-wide facts (budget shares);
+    2. ``measure(...)`` per matrix, anywhere, when ``measures`` is true, then
+       ``allocate(tensors, measures)`` in the main process: a ``TensorPlan`` per matrix;
+    3. ``encode_tensor(name, ft, base, dtype_name, plan)`` per matrix, anywhere: a pure
+       function of its arguments (no state shared between matrices, nothing that
+       depends on which tensors ran before or beside it).
+    """
 
     name: str
     takes_ratio = False
+    measures = False  # whether allocate() needs measure() of every planned matrix
+    carries_leftover = False  # bytes a matrix cannot spend go to the matrices after it (encode's Ledger)
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3):
         if ratio is not None and not self.takes_ratio:
@@ -70,14 +98,24 @@ class Method:
         return cls(ratio=config.get("ratio"), zstd_level=config.get("zstd_level", 3),
                    **config.get("selection", {}))
 
-    def plan(self, tensors, load) -> None:
-        """Called once before encoding with the TensorInfo of every tensor the method wants.
+    def prepare(self, tensors) -> None:
+        """Called once, before any tensor is measured or coded, with the TensorInfo of every
+        matrix the method will code; raises UsageError when the budget cannot hold them."""
 
-        ``load(name)`` gives (fine-tune, base) storage arrays, for methods that
-        share a file-wide budget by looking at the data first.
-        """
+    def measure(self, name, ft, base, dtype_name):
+        """A small, picklable summary of one matrix that ``allocate`` needs (when ``measures``)."""
+        raise NotImplementedError
 
-    def encode_tensor(self, name, ft, base, dtype_name):
+    def allocate(self, tensors, measures: dict) -> dict[str, TensorPlan]:
+        """Each planned matrix's ``TensorPlan``, from the ``measure`` results (name -> summary)."""
+        return {}
+
+    def working_bytes(self, info) -> int:
+        """Upper estimate of the memory ``encode_tensor`` takes for one matrix (the encoder admits
+        concurrent tensors by it): both tensors, Δ and its factors in float32, the records built."""
+        return 2 * info.nbytes + 6 * 4 * math.prod(info.shape)
+
+    def encode_tensor(self, name, ft, base, dtype_name, plan: TensorPlan | None = None):
         return None
 
     def wants_tensor(self, name: str, dtype_name: str, shape) -> bool:
@@ -105,6 +143,7 @@ class BudgetedMethod(Method):
     """
 
     takes_ratio = True
+    carries_leftover = True
     default_ratio: str | None = "1/16"
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, seed: int = 0):
@@ -123,7 +162,7 @@ class BudgetedMethod(Method):
     def empty_cost(self, info) -> int:
         raise NotImplementedError
 
-    def plan(self, tensors, load) -> None:
+    def prepare(self, tensors) -> None:
         if self.ratio is None:
             return
         self.budget = FileBudget(self.ratio, tensors, self.empty_cost)
@@ -133,19 +172,22 @@ class BudgetedMethod(Method):
                              f"least {need} bytes, the budget is {self.budget.total}; raise the ratio or --exclude "
                              f"small tensors")
 
-    def encode_tensor(self, name, ft, base, dtype_name):
+    def allocate(self, tensors, measures) -> dict[str, TensorPlan]:
+        if self.budget is None:
+            return {}
+        return {t.name: TensorPlan(budget=self.budget.shares[t.name]) for t in tensors}
+
+    def encode_tensor(self, name, ft, base, dtype_name, plan=None):
         numel = ft.size
         if self.ratio is None:
             budget = None
-        elif self.budget is not None:
-            budget = self.budget.take(name, numel, self.ratio)
+        elif plan is not None and plan.budget is not None:
+            budget = plan.budget
         else:  # not planned (a direct call): this matrix alone at the ratio
             budget = int(self.ratio * 16 * numel) // 8
         delta = dtypes.to_float32(ft, dtype_name)
         delta -= dtypes.to_float32(base, dtype_name)
         coded = self.code(name, dtype_name, ft.shape, delta, budget)
-        if self.budget is not None:
-            self.budget.spend(budget, coded.cost)
         return coded.kind, coded.params, coded.raws
 
     def code(self, name, dtype_name, shape, delta, budget):

@@ -1,0 +1,196 @@
+"""Where an encode's per-tensor jobs run, and in what order their results come back.
+
+Executors (the encoder asks nothing else of them; Ray's is in ``dcm.distributed.ray``):
+
+- ``InlineExecutor``: in the calling thread, one tensor at a time;
+- ``ThreadExecutor``: N threads of this process (``--threads``): the numerics
+  release the GIL (LAPACK, BLAS, zstd, hashing, file reads);
+- ``ProcessExecutor``: N worker processes (``--workers``), started with
+  ``spawn`` (no fork of a process that holds threads); each gets the encode's
+  ``Session`` once and reads the checkpoints itself.
+
+Every executor runs a job's numerics on one thread, so the bytes are the same
+on all of them.  ``run_ordered`` keeps a window of jobs in flight and hands the
+results back in job order, to the single writer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+from collections.abc import Callable
+
+from . import compute
+from .errors import WorkerError
+
+_SESSION = None  # a worker process's copy of the encode's Session
+
+
+class InlineExecutor:
+    """Runs each job when it is submitted, in the calling thread."""
+
+    concurrency = 1
+    shared_memory = True  # jobs see the caller's objects (a method's caches)
+    streams_inputs = False
+
+    def start(self, session) -> None:
+        self.session = session
+
+    def submit(self, fn, job) -> cf.Future:
+        future = cf.Future()
+        try:
+            future.set_result(fn(self.session, job))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            future.set_exception(e)
+        return future
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ThreadExecutor(InlineExecutor):
+    """``threads`` threads of this process."""
+
+    def __init__(self, threads: int):
+        self.concurrency = threads
+        self._pool = None
+
+    def start(self, session) -> None:
+        self.session = session
+        self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="dcm-encode")
+
+    def submit(self, fn, job) -> cf.Future:
+        return self._pool.submit(fn, self.session, job)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class ProcessExecutor:
+    """``workers`` worker processes, each coding one tensor at a time on one thread."""
+
+    shared_memory = False
+    streams_inputs = False
+
+    def __init__(self, workers: int):
+        self.concurrency = workers
+        self._pool = None
+
+    def start(self, session) -> None:
+        self._pool = cf.ProcessPoolExecutor(self.concurrency, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(session,))
+
+    def submit(self, fn, job) -> cf.Future:
+        return self._pool.submit(_call, fn, job)
+
+    @staticmethod
+    def translate(error: BaseException, what: str):
+        if isinstance(error, cf.process.BrokenProcessPool):
+            return WorkerError(f"a worker process died while coding {what} (killed, or out of memory?)")
+        return None
+
+    def shutdown(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # An error or an interrupt: stop the workers now rather than after their current tensor.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            if process.is_alive():
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(session) -> None:
+    global _SESSION
+    _SESSION = session
+    compute.pin_one_thread()
+
+
+def _call(fn, job):
+    return fn(_SESSION, job)
+
+
+def make_executor(threads: int | None = None, workers: int | None = None):
+    """The executor for ``threads`` (in this process) or ``workers`` (processes); None: the default."""
+    if workers:
+        return ProcessExecutor(workers)
+    threads = default_threads() if threads is None else threads
+    return InlineExecutor() if threads <= 1 else ThreadExecutor(threads)
+
+
+def default_threads() -> int:
+    """One thread per usable core, at most 8 (each codes a tensor: memory grows with them)."""
+    return max(1, min(compute.usable_cores(), 8))
+
+
+# --- running jobs in order -------------------------------------------------------------
+
+
+def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, working_bytes: Callable,
+                version: Callable | None = None, memory_limit: int | None = None, window: int | None = None,
+                describe: Callable = str) -> None:
+    """Run ``fn`` on jobs 0..count-1 and call ``accept(index, result)`` in job order.
+
+    ``version(index)`` says which version of a job must run now (e.g. the budget
+    the encoder's ledger gives it once every earlier result is accepted) and
+    ``make(index, version)`` builds it.  A result computed from another version
+    is thrown away and its job runs again: jobs may run speculatively ahead, and
+    the accepted results are those of a serial run.  ``accept`` returns True when
+    what it accepted changes the versions of later jobs (stale runs are then
+    resubmitted at once).
+
+    At most ``window`` jobs are outstanding (running, or done and not yet
+    accepted), and a job starts only while the ``working_bytes(index)`` of those
+    running stay within ``memory_limit`` (one always runs).
+    """
+    version = version or (lambda i: None)
+    window = window or max(2 * executor.concurrency, executor.concurrency + 4)
+    outstanding: dict[int, tuple[cf.Future, object]] = {}
+    next_submit = 0
+
+    def submit(i):
+        v = version(i)
+        outstanding[i] = (executor.submit(fn, make(i, v)), v)
+
+    def busy():
+        return [(i, f) for i, (f, _) in outstanding.items() if not f.done()]
+
+    try:
+        for accepted in range(count):
+            while True:
+                while next_submit < count and len(outstanding) < window:
+                    running = busy()
+                    if running and memory_limit is not None and sum(working_bytes(i) for i, _ in running) \
+                            + working_bytes(next_submit) > memory_limit:
+                        break
+                    submit(next_submit)
+                    next_submit += 1
+                head, v = outstanding[accepted]
+                if not head.done():
+                    cf.wait([f for _, f in busy()], return_when=cf.FIRST_COMPLETED)
+                    continue
+                try:
+                    result = head.result()  # a job's error ends the run here
+                except Exception as e:
+                    translate = getattr(executor, "translate", None)
+                    error = translate(e, describe(accepted)) if translate is not None else None
+                    if error is None:
+                        raise
+                    raise error from e
+                if version(accepted) != v:  # computed from a stale version: run it again
+                    submit(accepted)
+                    continue
+                break
+            del outstanding[accepted]
+            if accept(accepted, result):
+                for i, (future, v) in list(outstanding.items()):
+                    if version(i) != v:
+                        future.cancel()
+                        submit(i)
+    finally:
+        for future, _ in outstanding.values():
+            future.cancel()
