@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the method only to tensors matching these patterns")
     p.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="GLOB",
                    help="never apply the method to tensors matching these patterns")
-    p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
+    p.add_argument("--zstd-level", type=int, default=None, metavar="N",
+                   help="zstd level 1..22 of every blob (default: 3, and 1 for the byte planes of exact deltas)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.dcm if it exists")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,

@@ -79,13 +79,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_pinned = False
+
+
 def pin_one_thread() -> None:
-    """Make torch, MKL, OpenMP and OpenBLAS use one thread in this process (for good: workers)."""
+    """Make torch, MKL, OpenMP and OpenBLAS use one thread in this process, for good (a worker,
+    before its first numerics: a lossless worker never imports torch)."""
+    global _pinned
+    if _pinned:
+        return
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
+    _pinned = True
 
 
 @contextlib.contextmanager

@@ -65,13 +65,15 @@ def _base_ref(info, sha: bytes) -> dict:
 
 
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
-           options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
+           options: dict | None = None, zstd_level: int | None = None, overwrite: bool = False,
            progress: bool = False, creator: str | None = None, threads: int | None = None,
            workers: int | None = None, executor=None, device: str | None = None,
            max_memory: int | None = None) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
+    ``zstd_level`` (1..22) applies to every blob; by default packed codes get 3 and the
+    byte planes of exact records 1 (``methods.base.DEFAULT_PLANE_ZSTD_LEVEL``).
     Tensors are coded ``threads`` at a time in this process (default: one per core,
     at most 8), or by ``workers`` processes, or by ``executor`` (e.g.
     ``dcm.distributed.ray.RayExecutor``); ``max_memory`` bounds the estimated
@@ -87,15 +89,14 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
             raise UsageError(f"{label} must be a positive integer, got {value!r}")
     timings: dict = {}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite) as writer:
+            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite) as writer:
         tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
         actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
                    for t in tensors]
         planned = [t for t, a in zip(tensors, actions) if a is Action.LOSSY]
         profile.prepare(planned)
         executor = executor or make_executor(threads, workers)
-        session = jobs.Session(os.path.abspath(base), os.path.abspath(finetune), profile, zstd_level, device,
-                               uuid.uuid4().hex)
+        session = jobs.Session(os.path.abspath(base), os.path.abspath(finetune), profile, device, uuid.uuid4().hex)
         run = _Run(session, executor, base_ckpt, ft_ckpt, writer, progress, max_memory, timings)
         with compute.single_threaded() if planned else contextlib.nullcontext():
             executor.start(session)

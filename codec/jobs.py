@@ -34,6 +34,11 @@ from .reader import tensor_sha256
 from .records import DenseDelta, Full
 
 
+# True in a worker process: the first job that computes pins this process to one thread (in-process
+# executors run inside the encoder's compute.single_threaded() instead).
+PIN_BEFORE_NUMERICS = False
+
+
 class Action(enum.Enum):
     """How a fine-tune tensor is coded against its base."""
 
@@ -61,7 +66,6 @@ class Session:
     base: str  # checkpoint paths, as the workers see them
     finetune: str
     method: Method
-    zstd_level: int
     device: str = "cpu"
     token: str = ""  # tells one encode's cached open checkpoints from another's
 
@@ -152,9 +156,11 @@ def code_tensor(session: Session, job: Job) -> TensorResult:
     started = time.perf_counter()
     with compute.on_device(session.device):
         kind, params, raws, sha = _code(session, job)
-    stored = []
+    method, stored = session.method, []
+    # Byte planes (exact records) and packed codes compress best with different zstd settings.
+    level = method.plane_zstd_level if kind in (Kind.DENSE_DELTA, Kind.FULL) else method.zstd_level
     for raw in raws:
-        encoding, data = blobs.encode(raw, session.zstd_level)
+        encoding, data = blobs.encode(raw, level)
         stored.append(StoredBlob(int(encoding), data, memoryview(raw).nbytes, blobs.crc32(data)))
     del raws
     return TensorResult(job.name, int(kind), params, stored, sha, job.budget, time.perf_counter() - started,
@@ -181,6 +187,8 @@ def _code(session: Session, job: Job):
 
 def _lossy(session: Session, job: Job, ft: np.ndarray, base: np.ndarray):
     """A tensor the method wants: its hook takes both tensors whole."""
+    if PIN_BEFORE_NUMERICS:
+        compute.pin_one_thread()
     sha = tensor_sha256(base)
     lossy = session.method.encode_tensor(job.name, ft, base, job.dtype, job.plan)
     if lossy is not None:
@@ -198,6 +206,8 @@ class Measured:
 def measure_tensor(session: Session, job: Job) -> Measured:
     """The method's planning summary of one matrix (``Method.measure``)."""
     started = time.perf_counter()
+    if PIN_BEFORE_NUMERICS:
+        compute.pin_one_thread()
     with compute.on_device(session.device):
         if job.arrays is not None:
             ft, base = job.arrays

@@ -20,7 +20,7 @@ import concurrent.futures as cf
 import multiprocessing
 from collections.abc import Callable
 
-from . import compute
+from . import compute, jobs
 from .errors import WorkerError
 
 _SESSION = None  # a worker process's copy of the encode's Session
@@ -107,7 +107,7 @@ class ProcessExecutor:
 def _init_worker(session) -> None:
     global _SESSION
     _SESSION = session
-    compute.pin_one_thread()
+    jobs.PIN_BEFORE_NUMERICS = True
 
 
 def _call(fn, job):

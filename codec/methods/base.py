@@ -18,6 +18,13 @@ from .. import dtypes
 from ..errors import UsageError
 from .budget import FileBudget
 
+DEFAULT_ZSTD_LEVEL = 3  # packed codes, masks, attachments
+# The byte planes of exact records (dense-delta, full): their low-order planes are noise-like, and zstd's
+# fast strategy both compresses them better (spurious matches cost more than they save) and runs ~4x
+# faster than level 3 (a 7B-shaped bf16 pair: 6 % smaller, 213 against 128 MB/s of fine-tune per core).
+DEFAULT_PLANE_ZSTD_LEVEL = 1
+
+
 def parse_ratio(text) -> Fraction:
     """``1/16``, ``0.0625`` or a Fraction -> a ratio in (0, 1]."""
     try:
@@ -78,17 +85,21 @@ class Method:
     measures = False  # whether allocate() needs measure() of every planned matrix
     carries_leftover = False  # bytes a matrix cannot spend go to the matrices after it (encode's Ledger)
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3):
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None):
         if ratio is not None and not self.takes_ratio:
             raise UsageError(f"method {self.name!r} takes no ratio")
-        if not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22:
+        if zstd_level is not None and (not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22):
             raise UsageError(f"zstd level must be an integer in 1..22, got {zstd_level!r}")
         self.ratio = None if ratio is None else parse_ratio(ratio)
         self.selection = Selection(include, exclude)
-        self.zstd_level = zstd_level
+        # A level given applies to every blob; by default the byte planes get their own.
+        self.zstd_level = DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level
+        self.plane_zstd_level = DEFAULT_PLANE_ZSTD_LEVEL if zstd_level is None else zstd_level
 
     def get_config(self) -> dict:
         config = {"zstd_level": self.zstd_level, "dense_delta_transform": "sub-zigzag"}
+        if self.plane_zstd_level != self.zstd_level:
+            config["zstd_level_planes"] = self.plane_zstd_level
         if self.ratio is not None:
             config["ratio"] = f"{self.ratio.numerator}/{self.ratio.denominator}"
         return config
@@ -146,7 +157,7 @@ class BudgetedMethod(Method):
     carries_leftover = True
     default_ratio: str | None = "1/16"
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, seed: int = 0):
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, seed: int = 0):
         super().__init__(ratio if ratio is not None else self.default_ratio, include, exclude, zstd_level)
         if not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise UsageError(f"seed must be an integer in [0, 2^64), got {seed!r}")

@@ -34,7 +34,7 @@ class BitDelta(BudgetedMethod):
     carries_leftover = False  # its size is the rows chosen, file-wide, in allocate
     default_ratio = None  # by default every row; with a ratio, only as many rows as it pays for
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, scales: str = "row"):
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, scales: str = "row"):
         super().__init__(ratio, include, exclude, zstd_level)
         if scales not in ("row", "matrix"):
             raise UsageError(f"scales must be 'row' or 'matrix', got {scales!r}")
@@ -165,7 +165,7 @@ def _mask_option(mask: str) -> str:
 class Dare(BudgetedMethod):
     name = "dare"
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  mask: str = "auto"):
         super().__init__(ratio, include, exclude, zstd_level, seed)
         self.mask = _mask_option(mask)

@@ -156,7 +156,7 @@ class DeltaCoMe(Method):
     takes_ratio = True
     carries_leftover = True
 
-    def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int = 3, *,
+    def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int | None = None, *,
                  alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
                  widths=DEFAULT_WIDTHS, group_size: int = 128, damp: float = 0.01, refit: bool = False,
                  metric: str = "weights",
