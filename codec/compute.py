@@ -79,21 +79,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-_pinned = False
+_thread = threading.local()
 
 
 def pin_one_thread() -> None:
-    """Make torch, MKL, OpenMP and OpenBLAS use one thread in this process, for good (a worker,
-    before its first numerics: a lossless worker never imports torch)."""
-    global _pinned
-    if _pinned:
+    """One thread for torch, MKL, OpenMP and OpenBLAS in the calling thread, for good.
+
+    For a worker process before its first numerics (a lossless worker never
+    imports torch), and for each thread of a pool: OpenMP keeps its thread count
+    per thread, and a new thread starts from the default (one per core) whatever
+    another thread set.
+    """
+    if getattr(_thread, "pinned", False):
         return
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
-    _pinned = True
+    _thread.pinned = True
 
 
 @contextlib.contextmanager

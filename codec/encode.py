@@ -141,10 +141,18 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
                         timings, enc.recoded)
 
 
+PROGRESS_DELAY = 1.0  # seconds a phase must last before its bar shows
+
+
 def _bar(progress: bool, desc: str, total: int, unit: str = "B"):
-    """A progress bar on stderr, shown only for a phase that lasts more than a second."""
-    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=not progress, delay=1.0,
-                dynamic_ncols=True, leave=False, file=sys.stderr)
+    """A progress bar on stderr (the caller checks it is a terminal), shown once a phase lasts a second."""
+    try:  # a terminal that reports no size (some pseudo-terminals) would get an empty bar
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=not progress,
+                delay=PROGRESS_DELAY, dynamic_ncols=sized, ncols=None if sized else 100,
+                nrows=None if sized else 24, leave=False, file=sys.stderr)
 
 
 @dataclass
@@ -184,6 +192,7 @@ class _Run:
                 def accept(i, result):
                     measures[planned[i].name] = result.value
                     self.timings[f"measure:{result.name}"] = result.seconds
+                    bar.set_postfix_str(result.name, refresh=False)
                     bar.update(1)
                     return False
                 run_ordered(self.executor, jobs.measure_tensor, len(planned),
@@ -191,8 +200,8 @@ class _Run:
                             working_bytes=lambda i: self._working_bytes(planned[i], Action.LOSSY),
                             memory_limit=self.max_memory, describe=lambda i: f"tensor {planned[i].name!r}")
             self.timings["plan"] = time.perf_counter() - t0
-            if self.progress:
-                print(f"dcm: allocating over {len(planned)} matrices", file=sys.stderr)
+            if self.progress:  # one step, no bar: say what the wait is for
+                print(f"allocate: {len(planned)} matrices ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         plans = method.allocate(planned, measures)
         self.timings["allocate"] = time.perf_counter() - t0
@@ -230,6 +239,7 @@ class _Run:
                     rec["base"] = _base_ref(self.base_ckpt.info(info.name), result.base_sha256)
                 out.records.append(rec)
                 self.timings[f"code:{info.name}"] = result.seconds
+                bar.set_postfix_str(info.name, refresh=False)
                 bar.update(info.nbytes)
                 if ledger is None or result.budget is None:
                     return False

@@ -30,6 +30,7 @@ class InlineExecutor:
     """Runs each job when it is submitted, in the calling thread."""
 
     concurrency = 1
+    window = 1  # nothing runs ahead: no job is ever coded twice
     shared_memory = True  # jobs see the caller's objects (a method's caches)
     streams_inputs = False
 
@@ -53,13 +54,17 @@ class InlineExecutor:
 class ThreadExecutor(InlineExecutor):
     """``threads`` threads of this process."""
 
+    window = None
+
     def __init__(self, threads: int):
         self.concurrency = threads
         self._pool = None
 
     def start(self, session) -> None:
         self.session = session
-        self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="dcm-encode")
+        # Each thread pins itself: OpenMP's thread count is per thread (compute.pin_one_thread).
+        self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="dcm-encode",
+                                           initializer=compute.pin_one_thread)
 
     def submit(self, fn, job) -> cf.Future:
         return self._pool.submit(fn, self.session, job)
@@ -90,7 +95,8 @@ class ProcessExecutor:
     @staticmethod
     def translate(error: BaseException, what: str):
         if isinstance(error, cf.process.BrokenProcessPool):
-            return WorkerError(f"a worker process died while coding {what} (killed, or out of memory?)")
+            return WorkerError(f"a worker process died (killed, or out of memory?) with {what} in flight; "
+                               f"nothing was written")
         return None
 
     def shutdown(self) -> None:
@@ -148,13 +154,24 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
     running stay within ``memory_limit`` (one always runs).
     """
     version = version or (lambda i: None)
-    window = window or max(2 * executor.concurrency, executor.concurrency + 4)
+    window = window or getattr(executor, "window", None) or max(2 * executor.concurrency, executor.concurrency + 4)
     outstanding: dict[int, tuple[cf.Future, object]] = {}
     next_submit = 0
 
+    def failed(error, i):
+        translate = getattr(executor, "translate", None)
+        return translate(error, describe(i)) if translate is not None else None
+
     def submit(i):
         v = version(i)
-        outstanding[i] = (executor.submit(fn, make(i, v)), v)
+        try:
+            future = executor.submit(fn, make(i, v))
+        except Exception as e:  # a pool broken by an earlier job's death refuses new work
+            error = failed(e, min(outstanding, default=i))
+            if error is None:
+                raise
+            raise error from e
+        outstanding[i] = (future, v)
 
     def busy():
         return [(i, f) for i, (f, _) in outstanding.items() if not f.done()]
@@ -176,8 +193,7 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
                 try:
                     result = head.result()  # a job's error ends the run here
                 except Exception as e:
-                    translate = getattr(executor, "translate", None)
-                    error = translate(e, describe(accepted)) if translate is not None else None
+                    error = failed(e, accepted)
                     if error is None:
                         raise
                     raise error from e

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import blobs, lowrank, quant
 from ..lowrank import BitGroup
+from . import accel
 from .svd import rank_cap
 
 
@@ -88,9 +89,9 @@ class Candidates:
         wu, wv = weigh(u, u_side), weigh(v, v_side)
         dist, cost = [s2 * wu * wv], [0.0]
         for b in widths:
-            qu, qv = quant.rtn(u, b, group_size), quant.rtn(v, b, group_size)
-            du = u - quant.dequantize(*qu, group_size)
-            dv = v - quant.dequantize(*qv, group_size)
+            qu, qv = accel.rtn(u, b, group_size), accel.rtn(v, b, group_size)
+            du = u - accel.dequantize(*qu, group_size)
+            dv = v - accel.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
             shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
             cost.append(vector_bytes(shape, b, group_size) * shrink)

@@ -53,7 +53,7 @@ from ..constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from ..errors import UsageError
 from ..lowrank import BitGroup, Factor
 from ..records import LowrankMixed
-from . import allocate, budget, gptq
+from . import accel, allocate, budget, gptq
 from .allocate import groups_from_widths
 from .base import Method, TensorPlan
 from .svd import Svd, SvdCache, exact_svd, randomized_svd, rank_cap
@@ -214,8 +214,9 @@ class DeltaCoMe(Method):
         return self.alloc == "rd"
 
     def working_bytes(self, info) -> int:
-        # Both tensors, Δ, and the SVD: LAPACK's copy of Δ, U, Vᵀ and its workspace (float32).
-        return 2 * info.nbytes + 5 * 4 * math.prod(info.shape) + 4 * min(info.shape) ** 2
+        # Both tensors, Δ (and a float32 copy of the base while it is made), and the SVD: LAPACK's copy
+        # of Δ, U, Vᵀ, its workspace and the numpy copies (float32); measured in tests/test_parallel.py.
+        return 2 * info.nbytes + 7 * 4 * math.prod(info.shape) + 4 * min(info.shape) ** 2
 
     def prepare(self, tensors) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
@@ -386,11 +387,11 @@ class DeltaCoMe(Method):
         bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64)
         h = self._hessian(name, shape)
         if h is None:
-            return s, quant.rtn(svd.v[:k], bits, self.group_size), quant.rtn(svd.u[:k], bits, self.group_size)
-        v = gptq.quantize_rows(svd.v[:k], h, bits, self.group_size, self.damp)
+            return s, accel.rtn(svd.v[:k], bits, self.group_size), accel.rtn(svd.u[:k], bits, self.group_size)
+        v = accel.gptq_rows(svd.v[:k], h, bits, self.group_size, self.damp)
         v_hat = quant.dequantize(*v, self.group_size)
         u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
-        u = gptq.quantize_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
+        u = accel.gptq_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
         return s, v, u
 
     def _hessian(self, name, shape):
