@@ -182,6 +182,15 @@ class _Run:
             return self.session.method.working_bytes(info)
         return 2 * info.nbytes  # byte planes and their compressed copies
 
+    @staticmethod
+    def _outsize_first(weights: list[int]) -> list[int]:
+        """Submission order: tensors far above the median work (an LLM's embedding and head) first, so a
+        worker is not left alone with one at the end; then file order."""
+        if not weights:
+            return []
+        median = sorted(weights)[len(weights) // 2]
+        return sorted(range(len(weights)), key=lambda i: (weights[i] <= 4 * median, i))
+
     def plan(self, planned) -> dict:
         """Each planned matrix's TensorPlan: measured in the workers when the method needs it."""
         method = self.session.method
@@ -195,10 +204,11 @@ class _Run:
                     bar.set_postfix_str(result.name, refresh=False)
                     bar.update(1)
                     return False
+                weights = [self._working_bytes(t, Action.LOSSY) for t in planned]
                 run_ordered(self.executor, jobs.measure_tensor, len(planned),
                             lambda i, _: self._job(planned[i], Action.LOSSY), accept=accept,
-                            working_bytes=lambda i: self._working_bytes(planned[i], Action.LOSSY),
-                            memory_limit=self.max_memory, describe=lambda i: f"tensor {planned[i].name!r}")
+                            working_bytes=weights.__getitem__, memory_limit=self.max_memory,
+                            describe=lambda i: f"tensor {planned[i].name!r}", order=self._outsize_first(weights))
             self.timings["plan"] = time.perf_counter() - t0
             if self.progress:  # one step, no bar: say what the wait is for
                 print(f"allocate: {len(planned)} matrices ...", file=sys.stderr, flush=True)
@@ -244,8 +254,14 @@ class _Run:
                 if ledger is None or result.budget is None:
                     return False
                 return ledger.settle(info.name, result.budget, result.cost(info.dtype, info.shape))
+            weights = [self._working_bytes(t, a) for t, a in zip(tensors, actions)]
+            # What a result holds until it is written: a lossy record about its budget, an exact one
+            # at most its tensor's size.
+            sizes = [budgets.get(t.name, t.nbytes // 8) if a is Action.LOSSY else t.nbytes
+                     for t, a in zip(tensors, actions)]
             run_ordered(self.executor, jobs.code_tensor, len(tensors), make, accept=accept, version=version,
-                        working_bytes=lambda i: self._working_bytes(tensors[i], actions[i]),
-                        memory_limit=self.max_memory, describe=lambda i: f"tensor {tensors[i].name!r}")
+                        working_bytes=weights.__getitem__, memory_limit=self.max_memory,
+                        describe=lambda i: f"tensor {tensors[i].name!r}", order=self._outsize_first(weights),
+                        result_bytes=sizes.__getitem__)
         self.timings["code"] = time.perf_counter() - t0
         return out

@@ -136,9 +136,13 @@ def default_threads() -> int:
 # --- running jobs in order -------------------------------------------------------------
 
 
+RESULT_BUFFER_BYTES = 2**30  # results done but not yet written (they wait for an earlier tensor)
+
+
 def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, working_bytes: Callable,
                 version: Callable | None = None, memory_limit: int | None = None, window: int | None = None,
-                describe: Callable = str) -> None:
+                describe: Callable = str, order: list | None = None, result_bytes: Callable | None = None,
+                buffer_limit: int = RESULT_BUFFER_BYTES) -> None:
     """Run ``fn`` on jobs 0..count-1 and call ``accept(index, result)`` in job order.
 
     ``version(index)`` says which version of a job must run now (e.g. the budget
@@ -149,14 +153,19 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
     what it accepted changes the versions of later jobs (stale runs are then
     resubmitted at once).
 
-    At most ``window`` jobs are outstanding (running, or done and not yet
-    accepted), and a job starts only while the ``working_bytes(index)`` of those
-    running stay within ``memory_limit`` (one always runs).
+    Jobs start in ``order`` (default: job order; e.g. the largest first, so that
+    no worker is left alone with one at the end) while at most ``window`` are
+    outstanding (running, or done and not yet accepted), the ``working_bytes`` of
+    those running stay within ``memory_limit``, and the ``result_bytes`` of those
+    outstanding within ``buffer_limit``; the job next in line to be accepted
+    always starts, so nothing waits on itself.
     """
     version = version or (lambda i: None)
-    window = window or getattr(executor, "window", None) or max(2 * executor.concurrency, executor.concurrency + 4)
+    result_bytes = result_bytes or (lambda i: 0)
+    window = window or getattr(executor, "window", None) or 4 * executor.concurrency + 16
+    order = list(range(count)) if order is None else list(order)
     outstanding: dict[int, tuple[cf.Future, object]] = {}
-    next_submit = 0
+    position = 0  # next in ``order`` to consider
 
     def failed(error, i):
         translate = getattr(executor, "translate", None)
@@ -173,22 +182,32 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
             raise error from e
         outstanding[i] = (future, v)
 
-    def busy():
-        return [(i, f) for i, (f, _) in outstanding.items() if not f.done()]
+    def admits(i) -> bool:
+        if not outstanding:
+            return True
+        if len(outstanding) >= window:
+            return False
+        if sum(result_bytes(j) for j in outstanding) + result_bytes(i) > buffer_limit:
+            return False
+        running = [j for j, (f, _) in outstanding.items() if not f.done()]
+        return not running or memory_limit is None or \
+            sum(working_bytes(j) for j in running) + working_bytes(i) <= memory_limit
 
     try:
         for accepted in range(count):
             while True:
-                while next_submit < count and len(outstanding) < window:
-                    running = busy()
-                    if running and memory_limit is not None and sum(working_bytes(i) for i, _ in running) \
-                            + working_bytes(next_submit) > memory_limit:
-                        break
-                    submit(next_submit)
-                    next_submit += 1
+                while position < count and (order[position] in outstanding or order[position] < accepted):
+                    position += 1  # already started as the head of the line
+                while position < count and admits(order[position]):
+                    submit(order[position])
+                    position += 1
+                    while position < count and order[position] in outstanding:
+                        position += 1
+                if accepted not in outstanding:
+                    submit(accepted)  # the head of the line starts whatever the limits say
                 head, v = outstanding[accepted]
                 if not head.done():
-                    cf.wait([f for _, f in busy()], return_when=cf.FIRST_COMPLETED)
+                    cf.wait([f for f, _ in outstanding.values() if not f.done()], return_when=cf.FIRST_COMPLETED)
                     continue
                 try:
                     result = head.result()  # a job's error ends the run here

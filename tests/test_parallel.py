@@ -236,14 +236,17 @@ class _ShuffledExecutor(InlineExecutor):
                 future.set_result(result)
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 100), min_size=1, max_size=12), st.integers(0, 2**32 - 1))
-def test_property_speculative_runs_accept_what_a_serial_run_does(spends, seed):
-    """Jobs spend a share of their budget; leftovers move later budgets.  Whatever order jobs finish in,
-    the accepted (job, budget) pairs are those of a serial run."""
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=12), st.integers(0, 2**32 - 1),
+       st.integers(1, 6), st.integers(0, 4000))
+def test_property_speculative_runs_accept_what_a_serial_run_does(spends, seed, window, buffer):
+    """Jobs spend a share of their budget; leftovers move later budgets.  Whatever order jobs start and
+    finish in, and whatever the limits, the accepted (job, budget) pairs are those of a serial run."""
     names = [f"m{i}" for i in range(len(spends))]
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
 
-    def run(executor):
+    def run(executor, **kw):
         ledger = Ledger({n: 1000 for n in names}, names, {n: 1 + i for i, n in enumerate(names)})
         accepted = []
 
@@ -252,12 +255,13 @@ def test_property_speculative_runs_accept_what_a_serial_run_does(spends, seed):
             return ledger.settle(names[i], result[1], result[2])
         run_ordered(executor, lambda _, job: (job[0], job[1], job[1] * spends[job[0]] // 100), len(names),
                     lambda i, budget: (i, budget), accept=accept, version=lambda i: ledger.budget(names[i]),
-                    working_bytes=lambda i: 1)
+                    working_bytes=lambda i: 1, **kw)
         return accepted
 
     serial = InlineExecutor()
     serial.start(None)
-    assert run(_ShuffledExecutor(random.Random(seed))) == run(serial)
+    assert run(_ShuffledExecutor(random.Random(seed)), order=order, window=window, buffer_limit=buffer,
+               result_bytes=lambda i: 1000, memory_limit=2) == run(serial)
 
 
 # --- failures ------------------------------------------------------------------------------
