@@ -15,7 +15,7 @@ import re
 import sys
 
 from ._version import __version__
-from .errors import EXIT_CODES, DcmError
+from .errors import EXIT_CODES, DcmError, UsageError
 
 OS_ERROR_EXIT = 3  # a missing or unreadable path is invalid input
 
@@ -195,6 +195,8 @@ def cmd_encode(args) -> int:
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     executor = None
     if args.ray is not None:
+        if args.workers or args.threads:
+            raise UsageError("--ray runs every tensor as a Ray task: drop --workers and --threads")
         from .distributed.ray import RayExecutor
         executor = RayExecutor(None if args.ray == "auto" else args.ray, inputs=args.ray_inputs,
                                device=args.device)

@@ -474,6 +474,7 @@ def _wait_for(check, what, tries=30):
     (["--workers", "-1"], "invalid count"),
     (["--device", "tpu"], "device 'tpu': use cpu, cuda or cuda:N"),
     (["--max-memory", "lots"], "invalid size"),
+    (["--workers", "2", "--ray"], "--ray runs every tensor as a Ray task: drop --workers and --threads"),
 ])
 def test_cli_refuses_bad_speed_options(pair, tmp_path, capsys, flags, message):
     code = cli.main(["encode", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "x.dcm"), *flags])
@@ -591,3 +592,40 @@ def test_progress_on_a_real_terminal(tmp_path):
 
     assert "plan:" in run() and "matrix" in run()
     assert run("-q") == ""
+
+
+# --- the allocation's top-up at LLM scale --------------------------------------------------------
+
+
+def _reference_moves(candidates, chosen, moves):
+    """The top-up's moves as first written: every option a Python tuple, sorted."""
+    options = []
+    for ci, (c, w) in enumerate(zip(candidates, chosen)):
+        if not len(c.dist):
+            continue
+        now = np.searchsorted(c.widths, w)
+        for j in range(1, len(c.widths)):
+            gain = c.dist[np.arange(len(w)), now] - c.dist[:, j]
+            extra = c.cost[j] - c.cost[now]
+            ok = (j > now) & (gain > 0)
+            for i in np.flatnonzero(ok):
+                options.append((gain[i] / max(extra[i], 1e-9), ci, int(i), int(c.widths[j]), int(w[i])))
+    options.sort(reverse=True)
+    return [o[1:] for o in options[:moves]]
+
+
+@pytest.mark.parametrize("seed, moves", [(0, 4096), (1, 50), (2, 7), (3, 1)])
+def test_top_up_moves_are_the_sorted_ones(seed, moves):
+    from dcm.methods import allocate
+
+    rng = np.random.default_rng(seed)
+    candidates, chosen = [], []
+    for m in range(5):
+        k = int(rng.integers(0, 300))
+        widths = np.array([0, 2, 3, 4, 8])
+        dist = np.sort(rng.random((k, 5)), axis=1)[:, ::-1] * rng.choice([1.0, 2.0], size=(k, 1))
+        dist[: k // 3, 2] = dist[: k // 3, 1]  # ties and zero gains
+        cost = np.array([0.0, 10.0, 15.0, 15.0, 40.0]) * (1 + m)
+        candidates.append(allocate.Candidates(f"m{m}", "F32", (64, 64), widths, cost, dist))
+        chosen.append(rng.choice(widths, size=k))
+    assert allocate._best_moves(candidates, chosen, moves) == _reference_moves(candidates, chosen, moves)
