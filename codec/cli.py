@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a tensor only while the estimated working sets in flight stay under SIZE")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N]")
-    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                   help="code tensors as Ray tasks on a cluster (ADDRESS as ray.init takes it; "
-                        "alone: the running cluster, or a local one); needs dcm[ray]")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="code tensors as Ray tasks (needs dcm[ray]): --ray=HOST:PORT or ray://HOST:PORT of a "
+                        "cluster, --ray=auto for the one `ray start` runs here; alone: RAY_ADDRESS, else a "
+                        "Ray of this machine alone")
     g.add_argument("--ray-inputs", choices=("shared", "stream"), default="shared",
                    help="Ray workers read the checkpoints from the same paths (shared storage, default) "
                         "or get each tensor through Ray's object store (stream)")
@@ -198,7 +199,7 @@ def cmd_encode(args) -> int:
         if args.workers or args.threads:
             raise UsageError("--ray runs every tensor as a Ray task: drop --workers and --threads")
         from .distributed.ray import RayExecutor
-        executor = RayExecutor(None if args.ray == "auto" else args.ray, inputs=args.ray_inputs,
+        executor = RayExecutor(args.ray or None, inputs=args.ray_inputs,
                                device=args.device)
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,

@@ -358,7 +358,7 @@ def local_ray():
     """An in-process Ray of 2 CPUs; this module's classes travel by value (workers cannot import tests/)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
     ray.shutdown()

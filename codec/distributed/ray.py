@@ -30,6 +30,8 @@ the encode fails with a ``WorkerError`` and leaves no file.
 
 from __future__ import annotations
 
+import os
+
 from .. import compute
 from ..errors import DcmError, UsageError, WorkerError
 
@@ -51,8 +53,10 @@ def _run(fn, session, job):
 class RayExecutor:
     """A ``dcm.encode`` executor whose jobs are Ray tasks.
 
-    ``address`` is what ``ray.init`` takes (None: the cluster in ``RAY_ADDRESS`` or a
-    running local one, else a new local one); an already initialized Ray is used as is.
+    ``address`` is what ``ray.init`` takes: "HOST:PORT" or "ray://HOST:PORT" of a cluster,
+    "auto" for the one ``ray start`` runs on this machine; None means ``RAY_ADDRESS`` if set,
+    else a new Ray on this machine alone (a stale record of a stopped cluster is never
+    tried).  An already initialized Ray is used as is.
     ``init`` holds further ``ray.init`` keyword arguments (e.g. ``num_cpus`` of a local one).
     """
 
@@ -75,10 +79,11 @@ class RayExecutor:
         ray = self.ray
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
+            address = self.address or os.environ.get("RAY_ADDRESS") or "local"
             try:
-                ray.init(address=self.address, **kwargs)
+                ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UsageError(f"cannot reach the Ray cluster {self.address or '(default)'}: {e}") from None
+                raise UsageError(f"cannot reach the Ray cluster {address}: {e}") from None
             self._owns = True
         resources = ray.cluster_resources()
         self.concurrency = max(1, int(resources.get("CPU", 1)))
