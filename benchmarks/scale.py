@@ -337,6 +337,33 @@ def fmt_time(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def print_table(rows, args, concurrency, ft_bytes, params, file=None):
+    from dcm.compute import usable_cores
+
+    file = file or sys.stdout
+    where = "Ray" if args.ray else f"{args.workers} workers" if args.workers else f"{concurrency} threads"
+    print(f"\nLlama-2-7B-shaped pair, {args.layers} of 32 layers, bf16; {where} on {usable_cores()} cores; "
+          f"projections assume the same concurrency ({concurrency})\n", file=file)
+    head = ("config", "wall", "CPU", "RSS max", "RSS sum", "file MB", "bits/p", "job s/layer", "rel err",
+            "MB/s/core", "recoded", "32 layers", "70B")
+    lines = [head]
+    for r in rows:
+        mbps = ft_bytes / 1e6 / r["cpu"] if r["config"] == "lossless" and r["cpu"] else None
+        lines.append((r["config"], fmt_time(r["wall"]), fmt_time(r["cpu"]), f"{r['rss_max'] / 2**30:.2f} GiB",
+                      f"{r['rss_sum'] / 2**30:.2f} GiB", f"{r['file_bytes'] / 1e6:.1f}",
+                      f"{8 * r['file_bytes'] / params:.3f}", f"{r['layer_job_s']:.1f}",
+                      "exact" if r["config"] == "lossless" and "rel_err" in r else
+                      f"{r['rel_err']:.4f}" if "rel_err" in r else "-",
+                      f"{mbps:.0f}" if mbps else "-", str(r.get("recoded", 0)), fmt_time(r["wall32"]),
+                      fmt_time(r["wall70"])))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        print("  ".join(str(c).rjust(w) if j else str(c).ljust(w) for j, (c, w) in enumerate(zip(line, widths))),
+              file=file)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "_encode":
         print(json.dumps(child_encode(json.loads(sys.argv[2]))))
@@ -368,7 +395,6 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
 
-    from dcm.compute import usable_cores
     from dcm.parallel import default_threads
 
     concurrency = args.workers or args.threads or default_threads()
@@ -399,34 +425,18 @@ def main() -> int:
             report.update(project(name, report, args.layers, concurrency))
             report["config"] = name
             rows.append(report)
+            if args.json:  # after each configuration: a long run that stops keeps what it measured
+                args.json.write_text(json.dumps({"layers": args.layers, "concurrency": concurrency, "rows": rows},
+                                                indent=1))
+            print_table(rows[-1:], args, concurrency, ft_bytes, params, file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    where = "Ray" if args.ray else f"{args.workers} workers" if args.workers else f"{concurrency} threads"
-    print(f"\nLlama-2-7B-shaped pair, {args.layers} of 32 layers, bf16; {where} on {usable_cores()} cores; "
-          f"projections assume the same concurrency ({concurrency})\n")
-    head = ("config", "wall", "CPU", "RSS max", "RSS sum", "file MB", "bits/p", "job s/layer", "rel err",
-            "MB/s/core", "32 layers", "70B")
-    lines = [head]
-    for r in rows:
-        mbps = ft_bytes / 1e6 / r["cpu"] if r["config"] == "lossless" and r["cpu"] else None
-        lines.append((r["config"], fmt_time(r["wall"]), fmt_time(r["cpu"]), f"{r['rss_max'] / 2**30:.2f} GiB",
-                      f"{r['rss_sum'] / 2**30:.2f} GiB", f"{r['file_bytes'] / 1e6:.1f}",
-                      f"{8 * r['file_bytes'] / params:.3f}", f"{r['layer_job_s']:.1f}",
-                      "exact" if r["config"] == "lossless" and "rel_err" in r else
-                      f"{r['rel_err']:.4f}" if "rel_err" in r else "-",
-                      f"{mbps:.0f}" if mbps else "-", fmt_time(r["wall32"]), fmt_time(r["wall70"])))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("  ".join(str(c).rjust(w) if j else str(c).ljust(w) for j, (c, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows, args, concurrency, ft_bytes, params)
     print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
-    if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "concurrency": concurrency, "rows": rows}, indent=1))
     return 0
 
 

@@ -61,7 +61,10 @@ from .svd import Svd, SvdCache, exact_svd, randomized_svd, rank_cap
 DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 SVD_CACHE_BYTES = 2**30  # factors kept between measuring and encoding under ``rd`` (per process)
-GROW_STEPS = 4  # tries at spending what zstd saved on a matrix's own blob
+# Tries at spending what zstd saved on a matrix's own blob (stopping once within GROW_MIN_SLACK): a
+# word-embedding delta whose codes shrink 2-3x needs ~6; with 4 it left 12 % of its share, which the
+# encoder's ledger then passes on, re-coding every matrix after it.
+GROW_STEPS = 8
 GROW_MIN_SLACK = 0.005  # ... while more than this share of its budget is left
 
 
@@ -154,7 +157,6 @@ class Coded:
 class DeltaCoMe(Method):
     name = "delta-come"
     takes_ratio = True
-    carries_leftover = True
 
     def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int | None = None, *,
                  alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
@@ -212,6 +214,12 @@ class DeltaCoMe(Method):
     @property
     def measures(self) -> bool:
         return self.alloc == "rd"
+
+    @property
+    def carries_leftover(self) -> bool:
+        # rd's plan already shares what the allocation left, and a matrix codes its planned widths
+        # whatever budget it gets: passing leftovers on would only re-code matrices for nothing.
+        return self.alloc == "recipe"
 
     def working_bytes(self, info) -> int:
         # Both tensors, Δ (and a float32 copy of the base while it is made), and the SVD: LAPACK's copy
