@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("bitdelta")
     g.add_argument("--scales", choices=("row", "matrix"), default=None,
                    help="one scale per row (default) or per matrix")
-    g = p.add_argument_group("speed (none of these changes the file's bytes)")
+    g = p.add_argument_group("speed (none of these changes the file's bytes, except --device)")
     g.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="tensors coded at once in this process, each on one thread "
                         "(default: one per core, at most 8)")
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="start a tensor only while the estimated working sets in flight stay under SIZE")
     g.add_argument("--device", default=None, metavar="DEV",
-                   help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N]")
+                   help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N] (a GPU's file is "
+                        "close to the CPU's, not the same bytes)")
     g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="code tensors as Ray tasks (needs dcm[ray]): --ray=HOST:PORT or ray://HOST:PORT of a "
                         "cluster, --ray=auto for the one `ray start` runs here; alone: RAY_ADDRESS, else a "
