@@ -4,6 +4,7 @@
 # 1. torch==2.13.0 first: on this kind of machine pip takes the CPU build from
 #    local disk; a bare `torch` requirement would pull a multi-GB CUDA build.
 # 2. the project itself, editable, with the runtime, Hugging Face and test extras.
+# 3. a check that every required module imports (scripts/check_imports.py).
 #
 # Re-running it is cheap: pip only checks what is already there.
 # PYTHON=/path/to/python bash scripts/setup.sh picks another interpreter.
@@ -26,8 +27,6 @@ fi
 echo "setup: installing dcm (editable) with extras [runtime,hf,test]"
 "${PIP[@]}" -e ".[runtime,hf,test]"
 
-"$PYTHON" - <<'PY'
-import dcm, numpy, safetensors, torch, transformers, zstandard
-print(f"setup: ok: dcm {dcm.__version__}, torch {torch.__version__}, "
-      f"transformers {transformers.__version__}, numpy {numpy.__version__}")
-PY
+# 3. every required module must import (torch, triton, transformers, ...): a missing
+#    one fails here, not as tests that skip later.
+"$PYTHON" scripts/check_imports.py
