@@ -485,3 +485,21 @@ def test_runtime_benchmark_prints_its_table(tmp_path):
     columns = ("base_s", "packed_torch_s", "packed_triton_s", "deq_fact_s", "deq_dense_s", "dense_s")
     assert all(r[c] > 0 for r in rows for c in columns) and {r["repeats"] for r in rows} == {1}
     assert "deq+fact / packed" in out.stdout
+
+
+def test_runtime_benchmark_times_every_column_alike():
+    """One warm-up call per column, then rounds that call every column once, in turn; medians."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
+    spec = importlib.util.spec_from_file_location("_dcm_runtime_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    columns = {name: (lambda name=name: calls.append(name)) for name in ("base", "packed_torch", "deq_fact", "dense")}
+    clock = iter(range(1, 10**6))
+    medians = bench.measure_columns(columns, 5, lambda fn: (fn(), next(clock))[1])
+    names = list(columns)
+    assert calls == names + names * 5  # warm-up, then 5 interleaved rounds
+    assert list(medians) == names and all(m > 0 for m in medians.values())
+    assert medians == {n: 4 + 4 * 2 + i + 1 for i, n in enumerate(names)}  # the 3rd of 5 timed calls each

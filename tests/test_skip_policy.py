@@ -78,3 +78,12 @@ def test_allow_list_is_documented():
     readme = (TESTS.parent / "README.md").read_text(encoding="utf-8")
     for reason in skip_policy.ALLOWED_SKIPS:
         assert f"`{reason}`" in readme, reason
+
+
+def test_the_suite_runs_under_the_policy():
+    """tests/conftest.py carries the policy's hooks (so `python -m pytest -q`, CI's command, enforces it)."""
+    import conftest
+
+    for hook in ("pytest_collectreport", "pytest_runtest_logreport", "pytest_sessionfinish",
+                 "pytest_terminal_summary"):
+        assert getattr(conftest, hook, None) is getattr(skip_policy, hook), hook
