@@ -343,7 +343,7 @@ def model_of(tensors: dict) -> TwoLayers:
 def reference_model(path, base_dir) -> TwoLayers:
     """The fine-tune as the reference decoder rebuilds it from the file and the base (F32 tensors)."""
     out = spec_oracle.dcmref.decode(str(path), base=str(base_dir / "model.safetensors"))
-    return model_of({name: np.frombuffer(t.data, dtype="<f4").reshape(t.shape) for name, t in out.tensors.items()})
+    return model_of({name: np.frombuffer(t.data, dtype="<f4").reshape(t.shape).copy() for name, t in out.tensors.items()})
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
