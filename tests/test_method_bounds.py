@@ -160,6 +160,26 @@ def test_budget_counted_from_the_file(encoded, label, ratio):
     assert spent >= MIN_SPENT * budget, (label, ratio, spent / budget)
 
 
+SWEEP = {  # methods whose budget is spent in steps (vectors, rows): every ratio's leftover is different
+    "lowrank": [f"1/{d}" for d in (5, 6, 7, 9, 10, 12, 14, 20)],
+    "delta-come": [f"1/{d}" for d in (5, 7, 12, 24)],
+    "bitdelta": [f"1/{d}" for d in (17, 18, 20, 22, 26, 30, 32, 40)],
+}
+
+
+@pytest.mark.parametrize("label", list(SWEEP))
+def test_budget_over_a_sweep_of_ratios(pair, label):
+    """Within budget at every ratio, whatever the step size leaves over (the last matrix has no later
+    one to absorb an overspend)."""
+    root, _, _ = pair
+    method, options = METHODS[label]
+    for ratio in SWEEP[label]:
+        path = root / f"sweep-{label}.dcm"
+        dcm.encode(root / "base", root / "ft", path, method=method, ratio=ratio, options=options, overwrite=True)
+        spent, params = lossy_cost(path) if label != "bitdelta" else (raw_cost(path), lossy_cost(path)[1])
+        assert spent <= int(eval(ratio) * 16 * params) // 8, (label, ratio, spent)  # noqa: S307
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 
