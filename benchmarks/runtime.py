@@ -228,9 +228,13 @@ def main(argv=None):
                                                      "torch on both)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-deq-dense", action="store_true", help="skip the deq+dense column (the slowest)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
+                    "on a shared machine 1 thread keeps OpenMP barriers out of the figures")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backends = (args.backends or ("triton,torch" if device.type == "cuda" else "torch")).split(",")
     repeats = args.repeats or (50 if device.type == "cuda" else 5)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
