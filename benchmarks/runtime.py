@@ -15,7 +15,7 @@ number of deltas K and tokens per delta T (batch K·T, tokens grouped by delta):
                  multiply in factored form, y += ((x·V̂ᵀ)·diag(S))·Û, as the
                  packed path itself does above 4 tokens on the CPU
 - ``deq+dense``: base + per delta, dequantize and form the full m×n Δ̂ = Ûᵀ·S·V̂,
-                 then x·Δ̂ᵀ (what a naive server does; ``--no-deq-dense`` skips it)
+                 then x·Δ̂ᵀ (what a naive server does; ``--deq-dense-max-deltas`` limits it)
 - ``dense``:     base + per delta x·Δᵀ with Δ stored dense (16-bit on CUDA, float32
                  on the CPU): fast, but K dense copies of the layer in memory
 
@@ -102,7 +102,7 @@ def measure_columns(columns: dict, repeats: int, once) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeats, rng, deq_dense=True):
+def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeats, rng, deq_dense_max=None):
     m, n = shape
     groups = one_sixteenth_groups(shape)
     kmax = max(deltas_list)
@@ -155,7 +155,7 @@ def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeat
                 for d in range(k):
                     y[d * t:(d + 1) * t] += x[d * t:(d + 1) * t].to(dense_dtype) @ dense[d].T
             columns["deq_fact"] = deq_fact
-            if deq_dense:
+            if deq_dense_max is None or k <= deq_dense_max:
                 columns["deq_dense"] = deq_dense
             columns["dense"] = dense_delta
             check_same_output(columns, [c for c in columns if c.startswith(("packed", "deq"))], f"{m}x{n} K={k} T={t}")
@@ -213,8 +213,8 @@ def summary(rows, backends):
         speedups = [r["deq_fact_s"] / r[key] for r in rows]
         print(f"  [{name}] deq+fact / packed: {min(speedups):.2f} .. {max(speedups):.2f} "
               f"(the packed path's speed-up over dequantizing every call, factored)")
-        if all("deq_dense_s" in r for r in rows):
-            speedups = [r["deq_dense_s"] / r[key] for r in rows]
+        speedups = [r["deq_dense_s"] / r[key] for r in rows if "deq_dense_s" in r]
+        if speedups:
             print(f"  [{name}] deq+dense / packed: {min(speedups):.2f} .. {max(speedups):.2f}")
 
 
@@ -227,7 +227,8 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma list of torch,triton (default: triton on CUDA, "
                                                      "torch on both)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--no-deq-dense", action="store_true", help="skip the deq+dense column (the slowest)")
+    ap.add_argument("--deq-dense-max-deltas", type=int, default=None, metavar="K",
+                    help="time the deq+dense column (the slowest) only for up to K deltas (0: never)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
                     "on a shared machine 1 thread keeps OpenMP barriers out of the figures")
     ap.add_argument("--json", type=Path, default=None)
@@ -247,7 +248,7 @@ def main(argv=None):
     for text in args.shapes.split(","):
         m, n = (int(v) for v in text.split("x"))
         rows += bench_shape((m, n), [int(v) for v in args.deltas.split(",")], [int(v) for v in args.tokens.split(",")],
-                            backends, device, dtype, repeats, rng, deq_dense=not args.no_deq_dense)
+                            backends, device, dtype, repeats, rng, deq_dense_max=args.deq_dense_max_deltas)
     summary(rows, backends)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))

@@ -472,7 +472,7 @@ def test_runtime_benchmark_prints_its_table(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
     out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "128x256", "--tokens", "1,5",
-                          "--deltas", "1,2", "--repeats", "1", "--backends", "torch,triton",
+                          "--deltas", "1,2", "--repeats", "1", "--backends", "torch,triton", "--deq-dense-max-deltas", "1",
                           "--json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr
@@ -482,8 +482,9 @@ def test_runtime_benchmark_prints_its_table(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {(r["deltas"], r["tokens"]) for r in rows} == {(1, 1), (1, 5), (2, 1), (2, 5)}
     assert all(r["packed_triton_s"] > 0 and r["packed_bytes"] < r["dense_bytes"] for r in rows)
-    columns = ("base_s", "packed_torch_s", "packed_triton_s", "deq_fact_s", "deq_dense_s", "dense_s")
+    columns = ("base_s", "packed_torch_s", "packed_triton_s", "deq_fact_s", "dense_s")
     assert all(r[c] > 0 for r in rows for c in columns) and {r["repeats"] for r in rows} == {1}
+    assert all((r.get("deq_dense_s", 0) > 0) == (r["deltas"] == 1) for r in rows)  # --deq-dense-max-deltas 1
     assert "deq+fact / packed" in out.stdout
 
 
