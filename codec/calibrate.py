@@ -328,6 +328,9 @@ def _calibrate(model_dir, text_file, output, paragraphs, torch, transformers, st
     if not sequences:
         raise UsageError(f"{text_file}: no text to calibrate on")
     model = _load_model(model_dir, transformers, torch)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max(map(len, sequences)) > positions:
+        raise UsageError(f"--seq-len {seq_len} exceeds the {positions} positions of the model {model_dir}")
     collector = _Collector(model, module_tensor_names(model, checkpoint_names))
     try:
         batches = _batches(sequences, batch_size, _pad_id(tokenizer))

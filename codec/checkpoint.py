@@ -355,7 +355,7 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
             if _stamp(os.fstat(fd)) != self._stamps[path]:
                 os.close(fd)
-                raise InputChangedError(f"{path}: the file changed since dcm read its header")
+                raise InputChangedError(f"{path}: the file changed while dcm was reading it (after its header)")
             self._fds[path] = fd
         return self._fds[path]
 

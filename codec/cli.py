@@ -196,7 +196,6 @@ def _note_inputs(*paths) -> None:
 def cmd_encode(args) -> int:
     from .encode import encode
     from .info import one_in, sanitize
-
     from .methods import get_method
 
     names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")

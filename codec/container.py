@@ -17,8 +17,6 @@ import threading
 from dataclasses import dataclass
 
 from . import blobs
-from .outputs import Output
-from .sniff import what_file_is
 from .constants import (
     DEFAULT_ALIGNMENT,
     Encoding,
@@ -33,12 +31,12 @@ from .constants import (
 )
 from .errors import (
     BadMagicError,
+    ClosedFileError,
     FormatError,
     HeaderChecksumError,
-    LayoutError,
-    ClosedFileError,
     InputChangedError,
     InputError,
+    LayoutError,
     LimitError,
     PayloadError,
     TrailingDataError,
@@ -47,6 +45,8 @@ from .errors import (
     UnknownKindError,
     UnsupportedVersionError,
 )
+from .outputs import Output
+from .sniff import what_file_is
 
 # magic, major, minor, required flags, optional flags, alignment, index length,
 # file length, 20 reserved bytes, CRC-32 (spec section "Header").

@@ -129,6 +129,12 @@ def check_base_digest(rec: Record, sha256: bytes) -> None:
         raise WrongBaseError(f"wrong base: tensor {rec.name!r} differs from the base the file was encoded against")
 
 
+def _check_array(name: str, base) -> None:
+    if base is not None and not isinstance(base, np.ndarray):
+        raise UsageError(f"tensor {name!r}: the base must be a numpy array of the base tensor's storage "
+                         f"dtype (as Checkpoint.read gives), got {type(base).__name__}")
+
+
 class DcmFile:
     """An open .dcm file.  Use ``dcm.open(path)``, preferably as a context manager."""
 
@@ -224,6 +230,7 @@ class DcmFile:
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
         """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""
         rec = self.record(name)
+        _check_array(name, base)
         if check_base and base is not None and records.KINDS[rec.kind].needs_base:
             check_base_tensor(rec, base)
         return self.tensor_from(name, base)  # refuses a missing base
@@ -262,6 +269,7 @@ class DcmFile:
             raise UsageError(f"tensor {name!r}: no float delta for a {rec.kind_name} {rec.dtype} record")
         if base is None:
             raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor for a delta")
+        _check_array(name, base)
         ft = self.tensor(name, base)  # checks the base of a dense-delta record (WrongBaseError)
         if tuple(base.shape) != rec.shape:  # a full record may replace a base of another shape
             raise UsageError(f"tensor {name!r}: base shape {list(base.shape)} differs from the "

@@ -15,6 +15,7 @@ from .. import dtypes
 from ..errors import UsageError
 from .budget import FileBudget
 
+
 def parse_ratio(text) -> Fraction:
     """``1/16``, ``0.0625`` or a Fraction -> a ratio in (0, 1]."""
     try:
