@@ -220,7 +220,7 @@ def cmd_encode(args) -> int:
     if cov is not None and cov.lossy:
         _say(args, f"  {cov.summary()}")
         for line in cov.reason_lines():
-            _say(args, f"  not coded: {sanitize(line)}")
+            _say(args, f"  not coded: {line}")
         for problem in cov.problems():  # only with --allow-uncoded: otherwise encode refused
             _warn(problem)
     return 0
@@ -288,7 +288,7 @@ def _clean(message) -> str:
     """An error message safe for a terminal (names in it may come from a hostile file)."""
     from .info import sanitize
 
-    return sanitize(message, escape_backslash=False)
+    return "\n".join(sanitize(line, escape_backslash=False) for line in str(message).split("\n"))
 
 
 def _os_message(e: OSError) -> str:

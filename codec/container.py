@@ -10,6 +10,7 @@ leaves a partial output.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import struct
@@ -47,6 +48,8 @@ from .errors import (
 )
 from .outputs import Output
 from .sniff import what_file_is
+
+_MAP_READS_FROM = 1 << 20  # bytes: larger reads go to an anonymous memory map
 
 # magic, major, minor, required flags, optional flags, alignment, index length,
 # file length, 20 reserved bytes, CRC-32 (spec section "Header").
@@ -314,16 +317,18 @@ class ContainerFile:
             fd = self._fd
         try:
             self._check_unchanged(fd)
-            parts, got = [], 0
+            # A large read goes to an anonymous map, given back to the system as soon as it is
+            # dropped (a malloc'ed buffer of that size can stay resident in a fragmented heap).
+            buf = bytearray(length) if length < _MAP_READS_FROM else mmap.mmap(-1, length)
+            view, got = memoryview(buf), 0
             while got < length:
-                part = os.pread(fd, min(length - got, 1 << 30), offset + got)
-                if not part:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
                     raise InputChangedError(f"{self.path}: the file changed while dcm was reading it "
                                             f"(it ends before byte {offset + length})")
-                parts.append(part)
-                got += len(part)
+                got += n
             self._check_unchanged(fd)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return bytes(buf) if length < _MAP_READS_FROM else view
         except OSError as e:
             raise InputError(f"{self.path}: cannot read: {e.strerror}") from e
         finally:
@@ -341,10 +346,10 @@ class ContainerFile:
                 f"{st.st_size} bytes, or modified); replace a file by renaming a new one into place")
 
     def index_bytes(self) -> bytes:
-        return self.read(HEADER_SIZE, self.header.index_length)
+        return bytes(self.read(HEADER_SIZE, self.header.index_length))
 
-    def stored(self, blob: dict) -> bytes:
-        """The stored bytes of a blob, read fresh."""
+    def stored(self, blob: dict):
+        """The stored bytes of a blob, read fresh (bytes, or a memoryview of a private map when large)."""
         return self.read(self.header.data_start + blob["offset"], blob["length"])
 
     def padding_is_zero(self, index: dict) -> bool:

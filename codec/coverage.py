@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from . import dtypes
 from .constants import LOSSY_KINDS, Kind
 from .index import packed_len
+from .info import sanitize
 
 # A lossy file more than this many times its budget (whole file, per parameter) is refused.
 MAX_OVER_BUDGET = 2.0
@@ -85,11 +86,11 @@ class Coverage:
         return out
 
     def reason_lines(self) -> list[str]:
-        """One line per reason: how many tensors and parameters, a few names."""
+        """One line per reason: how many tensors and parameters, a few names (escaped for a terminal)."""
         lines = []
         for reason, items in sorted(self.uncoded.items(), key=lambda kv: -sum(n for _, n in kv[1])):
             params = sum(n for _, n in items)
-            names = ", ".join(name for name, _ in items[:3]) + (", ..." if len(items) > 3 else "")
+            names = ", ".join(sanitize(name) for name, _ in items[:3]) + (", ..." if len(items) > 3 else "")
             lines.append(f"{len(items)} tensors, {params} params ({_pct(params, self.params)}): {reason} [{names}]")
         return lines
 

@@ -302,6 +302,7 @@ def test_item6_lossy_method_that_codes_nothing_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "encode", base, ft16, "-o", out, "--method", "delta-come")
     assert code == 2 and "coded no tensor" in err
     assert "dtype differs (BF16 in the fine-tune, F32 in the base)" in err and "--allow-uncoded" in err
+    assert "\\x0a" not in err and len(err.splitlines()) == 3  # one line per reason, not escaped
     assert not out.exists() and hidden(tmp_path) == []
 
     ft32 = write_checkpoint(tmp_path / "ft32", {"w": ("F32", w + 0.01)})
