@@ -140,9 +140,8 @@ def case_decode_overwrite_cwd(side, work):
 def case_encode_over_base_weights(side, work):
     base, ft = copy_pair(side, work)
     code, _, err = side.dcm(work, "encode", base, ft, "-o", base / "model.safetensors", "--overwrite")
-    head = (base / "model.safetensors").read_bytes()[:8]
-    return f"exit {code}; base weights {'REPLACED by the .dcm' if head.startswith(b'DCM') else 'intact'}; " \
-           f"{first(err)}"
+    same = (base / "model.safetensors").read_bytes() == (side.pair / "base" / "model.safetensors").read_bytes()
+    return f"exit {code}; base weights {'intact' if same else 'REPLACED by the .dcm'}; {first(err)}"
 
 
 def case_two_encodes(side, work):
@@ -201,9 +200,10 @@ def _signal_case(side, work, sig, where="encode"):
         proc, go = side.paused(work, "decode", "decode", "x.dcm", "--base", base, "-o", "out")
     proc.send_signal(sig)
     _, err = proc.communicate()
-    size = sum(p.stat().st_size for p in work.rglob(".*") if p.is_file() and p.name not in (".ready", ".go"))
-    size += sum(p.stat().st_size for d in work.glob(".*") if d.is_dir() for p in d.rglob("*") if p.is_file())
-    return f"exit {proc.returncode}; {len(hidden(work))} temporaries ({size} bytes) left; {first(err)}"
+    left = [work / name for name in hidden(work)]
+    size = sum(p.stat().st_size for p in left if p.is_file())
+    size += sum(q.stat().st_size for p in left if p.is_dir() for q in p.rglob("*") if q.is_file())
+    return f"exit {proc.returncode}; {len(left)} temporaries ({size} bytes) left; {first(err)}"
 
 
 def case_sigterm_encode(side, work):

@@ -217,12 +217,14 @@ class Output:
                 self._refuse(f"it is {inp.describe()}")
             if self.kind == "dir" and _within(inp.real, real):
                 self._refuse(f"it contains {inp.describe()}")
-            if st is not None and inp.is_dir and _within(real, inp.real):
+        if st is None:
+            return
+        for inp in self.inputs:
+            if inp.is_dir and os.path.exists(self.path) and _file_id(os.stat(self.path)) in inp.file_ids():
+                link = "" if _within(real, inp.real) else "a hard link to "
+                self._refuse(f"it is {link}a file of {inp.describe()}")
+            if inp.is_dir and _within(real, inp.real):
                 self._refuse(f"it lies inside {inp.describe()}: dcm writes only new files there")
-        if st is not None and stat.S_ISREG(st.st_mode):
-            for inp in self.inputs:
-                if _file_id(st) in inp.file_ids():
-                    self._refuse(f"it is a hard link to a file of {inp.describe()}")
 
     def _is_cwd_or_parent(self) -> bool:
         if self.kind != "dir":
