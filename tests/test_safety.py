@@ -706,15 +706,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quiet", [True, False])
-def test_item18_calibrate_quiet_and_piped_print_no_transformers_progress(tiny_model, tmp_path, quiet):
+def test_item18_calibrate_quiet_and_piped_print_no_transformers_progress(tiny_model, tmp_path, capsys, quiet):
     model, text = tiny_model
-    argv = [sys.executable, "-m", "dcm.cli"] + (["-q"] if quiet else []) + [
-        "calibrate", str(model), str(text), "-o", str(tmp_path / "s.safetensors"), "--seq-len", "24"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""  # no "Loading weights" bar in a pipe
-    assert (proc.stdout == "") == quiet
+    argv = (["-q"] if quiet else []) + ["calibrate", model, text, "-o", tmp_path / "s.safetensors",
+                                        "--seq-len", "24"]
+    code, stdout, err = run(capsys, *argv)  # stderr is not a terminal here, as in a pipe
+    assert code == 0, err
+    assert err == ""  # no "Loading weights" bar
+    assert (stdout == "") == quiet
 
 
 def test_item18_missing_text_before_the_model_loads_and_no_tokenizer(tiny_model, tmp_path, capsys, monkeypatch):
