@@ -169,25 +169,26 @@ def _warn(text: str) -> None:
     print(f"dcm: warning: {text}", file=sys.stderr)
 
 
-def _note_inputs(*paths) -> None:
-    """What the user should know about how the input directories were read (once each)."""
+def _note_inputs(*paths, carried=None) -> None:
+    """What the user should know about how the input directories were read (which weights), and
+    which side files of ``carried`` (the fine-tune) are not carried."""
     from .checkpoint import TRAINING_STATE, Checkpoint
     from .info import sanitize
 
-    for i, path in enumerate(paths):
+    skipped = []
+    for path in paths + ((carried,) if carried is not None else ()):
         with Checkpoint(path) as ckpt:
             for note in ckpt.notes:
                 _warn(sanitize(note))
-            if i != len(paths) - 1:  # only the fine-tune's side files are carried
-                continue
-            skipped = ckpt.skipped_attachments()
-        training = [rel for rel, reason in skipped if reason == TRAINING_STATE]
-        if training:
-            shown = ", ".join(map(sanitize, training[:4])) + (", ..." if len(training) > 4 else "")
-            _warn(f"not carrying the training state beside the model ({shown}): not part of the model")
-        for relpath, reason in skipped:
-            if reason != TRAINING_STATE:
-                _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
+            if path is carried:
+                skipped = ckpt.skipped_attachments()
+    training = [rel for rel, reason in skipped if reason == TRAINING_STATE]
+    if training:
+        shown = ", ".join(map(sanitize, training[:4])) + (", ..." if len(training) > 4 else "")
+        _warn(f"not carrying the training state beside the model ({shown}): not part of the model")
+    for relpath, reason in skipped:
+        if reason != TRAINING_STATE:
+            _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
 
 
 # --- commands --------------------------------------------------------------------
@@ -203,7 +204,7 @@ def cmd_encode(args) -> int:
     # Arguments first, before anything is read (the statistics file is opened by encode itself).
     get_method(args.method, {k: v for k, v in options.items() if k != "calibration"}, ratio=args.ratio,
                include=args.include, exclude=args.exclude, zstd_level=args.zstd_level)
-    _note_inputs(args.base, args.finetune)
+    _note_inputs(args.base, carried=args.finetune)
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
@@ -246,6 +247,7 @@ def cmd_decode(args) -> int:
     from .decode import DEFAULT_MAX_SHARD_BYTES, decode
     from .info import sanitize
 
+    _note_inputs(args.base)
     report = decode(args.input, args.base, args.output, overwrite=args.overwrite, progress=_progress(args),
                     max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES)
     _say(args, f"wrote {sanitize(report.path)}: {report.tensors} tensors ({report.bytes_written} bytes), "
@@ -276,6 +278,8 @@ def cmd_verify(args) -> int:
     from .info import sanitize
     from .verify import verify
 
+    if args.base is not None:
+        _note_inputs(args.base)
     report = verify(args.input, base=args.base, progress=_progress(args))
     _say(args, f"OK {sanitize(report.path)}: {report.summary()}")
     return 0
