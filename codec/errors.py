@@ -37,6 +37,34 @@ class OutputExistsError(DcmError):
     exit_code = 2
 
 
+class UnsafeOutputError(UsageError):
+    """dcm refuses to write there: the output is or holds an input, or is not a file or directory dcm may replace."""
+
+
+class CoverageError(UsageError):
+    """A lossy method coded no tensor, or the file is far over its budget (``allow_uncoded`` accepts it)."""
+
+
+class ClosedFileError(UsageError):
+    """The .dcm file was used after it was closed."""
+
+
+class InputError(DcmError):
+    """An input path cannot be read (missing, a directory, no permission...)."""
+
+    exit_code = 3
+
+
+class InputChangedError(InputError):
+    """An input file changed (size or modification time) while dcm was reading it."""
+
+
+class OutputError(DcmError):
+    """The output cannot be written: an operating-system error on the output side (disk full, read-only...)."""
+
+    exit_code = 6
+
+
 # --- the .dcm file does not follow the spec ------------------------------------
 
 
@@ -116,12 +144,19 @@ class WrongBaseError(DcmError):
     exit_code = 5
 
 
+class DcmWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it)."""
+
+
 EXIT_CODES = {
     0: "success",
     1: "other dcm error",
-    2: "usage error (bad arguments, output exists)",
+    2: "usage error (bad arguments, output exists or may not be replaced)",
     3: "invalid input (malformed .dcm file or checkpoint)",
     4: "checksum mismatch (corrupted file)",
     5: "wrong base model",
-    130: "interrupted",
+    6: "cannot write the output (disk full, read-only, no permission...)",
+    129: "stopped by SIGHUP (terminal closed)",
+    130: "interrupted (SIGINT, Ctrl-C)",
+    143: "stopped by SIGTERM",
 }
