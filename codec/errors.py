@@ -4,7 +4,9 @@ Every failure caused by bad input (a damaged or hostile .dcm file, a broken
 checkpoint, a wrong base, bad arguments) raises a subclass of :class:`DcmError`.
 Each error names *what* is wrong and *where* (a file, a tensor, a byte offset),
 so a user can act on the message alone.  The CLI maps the families below to
-documented exit codes (see ``EXIT_CODES``).
+documented exit codes (see ``EXIT_CODES``); each class also carries the
+language-neutral code of spec section 15 (``code``, e.g. ``"E_LAYOUT"``, and
+``code_number``; see ``ERROR_CODES``).
 """
 
 from __future__ import annotations
@@ -160,3 +162,41 @@ EXIT_CODES = {
     130: "interrupted (SIGINT, Ctrl-C)",
     143: "stopped by SIGTERM",
 }
+
+
+# Language-neutral error codes (spec section 15): the stable name and number that any
+# implementation reports for the same condition, so that a decoder in another language
+# is checked against the conformance vectors by code, not by Python class name.  The
+# codes form a registry like the format's others: append-only, never renumbered or reused.
+ERROR_CODES: dict[str, tuple[int, type[DcmError]]] = {
+    "E_DCM": (1, DcmError),
+    "E_USAGE": (2, UsageError),
+    "E_OUTPUT_EXISTS": (3, OutputExistsError),
+    "E_CHECKPOINT": (4, CheckpointError),
+    "E_UNSAFE_OUTPUT": (5, UnsafeOutputError),
+    "E_COVERAGE": (6, CoverageError),
+    "E_CLOSED_FILE": (7, ClosedFileError),
+    "E_INPUT": (8, InputError),
+    "E_INPUT_CHANGED": (9, InputChangedError),
+    "E_FORMAT": (10, FormatError),
+    "E_BAD_MAGIC": (11, BadMagicError),
+    "E_UNSUPPORTED_VERSION": (12, UnsupportedVersionError),
+    "E_UNKNOWN_FLAG": (13, UnknownFlagError),
+    "E_TRUNCATED": (14, TruncatedError),
+    "E_TRAILING_DATA": (15, TrailingDataError),
+    "E_LAYOUT": (16, LayoutError),
+    "E_INDEX_SCHEMA": (17, IndexSchemaError),
+    "E_DUPLICATE_KEY": (18, DuplicateKeyError),
+    "E_LIMIT": (19, LimitError),
+    "E_UNKNOWN_KIND": (20, UnknownKindError),
+    "E_PAYLOAD": (21, PayloadError),
+    "E_CHECKSUM": (30, ChecksumError),
+    "E_HEADER_CHECKSUM": (31, HeaderChecksumError),
+    "E_PAYLOAD_CHECKSUM": (32, PayloadChecksumError),
+    "E_WRONG_BASE": (40, WrongBaseError),
+    "E_OUTPUT": (41, OutputError),
+}
+
+for _code, (_number, _cls) in ERROR_CODES.items():
+    _cls.code, _cls.code_number = _code, _number  # e.g. LayoutError.code == "E_LAYOUT"
+del _code, _number, _cls
