@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import methods
+from . import coverage, methods
 from ._version import __version__
 from .checkpoint import Checkpoint, TensorStream
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
+from .coverage import Coverage
+from .errors import CoverageError
 from .index import check_index, pack_index
 from .reader import base_digest, tensor_sha256
 from .records import DenseDelta, Full
@@ -26,6 +28,7 @@ class EncodeReport:
     params: int  # elements of the fine-tune's tensors
     finetune_bytes: int  # the fine-tune's own tensor bytes
     seconds: float
+    coverage: Coverage | None = None  # what a lossy method coded, and why not the rest
 
     @property
     def bits_per_param(self) -> float:
@@ -102,27 +105,34 @@ class _Encoder:
 
 def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
     """TensorInfo of the tensors the method will code (same dtype and shape in both, selected)."""
-    out = []
-    for name in ft.names():
-        info = ft.info(name)
-        if name in base and (base.info(name).dtype, base.info(name).shape) == (info.dtype, info.shape) \
-                and profile.wants_tensor(name, info.dtype, info.shape):
-            out.append(info)
-    return out
+    return coverage.planned(profile, base, ft)
+
+
+def _check_coverage(cov: Coverage) -> None:
+    problems = cov.problems()
+    if problems:
+        lines = problems + [f"  {line}" for line in cov.reason_lines()]
+        raise CoverageError("\n".join(lines) + "\nnothing was written; --allow-uncoded (allow_uncoded=True) "
+                                                "writes such a file anyway")
 
 
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
            options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
-           progress: bool = False, creator: str | None = None) -> EncodeReport:
+           progress: bool = False, creator: str | None = None, allow_uncoded: bool = True) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
+    ``include`` / ``exclude``: a glob or a list of globs.  The report's ``coverage``
+    says what a lossy method coded; with ``allow_uncoded=False`` (the CLI's
+    default) a lossy encode that codes no tensor, or whose file takes more than
+    twice its budget, raises CoverageError and writes nothing.
     """
     started = time.perf_counter()
     profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
+    inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite) as writer:
+            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite, inputs=inputs) as writer:
         profile.plan(_planned(profile, base_ckpt, ft_ckpt),
                      lambda name: (ft_ckpt.read(name), base_ckpt.read(name)))
         total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
@@ -148,8 +158,12 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)
         check_index(index)
-        file_bytes = writer.finish(index, pack_index(index))
+        index_bytes = pack_index(index)
+        cov = coverage.measure(profile, base_ckpt, ft_ckpt, index, writer.file_length(index, index_bytes))
+        if not allow_uncoded:
+            _check_coverage(cov)
+        file_bytes = writer.finish(index, index_bytes)
         kept = [r for r in enc.records if r["kind"] != Kind.REMOVED]
         params = sum(math.prod(r["shape"]) for r in kept)
     return EncodeReport(str(out), file_bytes, len(enc.records), params, total,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, cov)

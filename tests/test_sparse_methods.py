@@ -379,7 +379,8 @@ def _dare_record(**params):
 @pytest.mark.parametrize("change, error", [
     ({"mask": 3}, UnknownKindError),
     ({"packing": 2}, UnknownKindError),
-    ({"drop": 2**32 + 1}, UnknownKindError),
+    ({"drop": 2**32 + 1}, PayloadError),  # a quantity out of range (spec 10.1)
+    ({"seed": -1}, PayloadError),
     ({"mask": 2}, PayloadError),  # a bitmask with a seed and a drop
     ({"seed": "3"}, IndexSchemaError),
 ])
