@@ -16,17 +16,18 @@ file back with numpy alone (no torch), validating it as untrusted input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, OutputExistsError, UsageError
+from .errors import CheckpointError, InputError, UsageError
+from .outputs import Output
 
 FORMAT = "dcm-calibration"
 VERSION = "1"
@@ -50,8 +51,10 @@ def read_paragraphs(text_file) -> list[str]:
     """Non-empty paragraphs (blank-line separated, whitespace collapsed), in file order."""
     try:
         text = Path(text_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{text_file}: cannot read calibration text as UTF-8: {e}") from None
+    except OSError as e:
+        raise InputError(f"{text_file}: cannot read the calibration text: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{text_file}: the calibration text is not UTF-8: {e}") from e
     blocks = re.split(r"\n\s*\n", text)
     return [p for p in (" ".join(b.split()) for b in blocks) if p]
 
@@ -230,22 +233,16 @@ def _check_args(max_tokens, seq_len, batch_size) -> None:
             raise UsageError(f"{label} must be an integer >= {low}, got {value!r}")
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if not overwrite and (out.exists() or out.is_symlink()):
-        raise OutputExistsError(f"{out}: output exists (pass overwrite=True)")
-
-
-def _write_atomically(out: Path, tensors: dict, metadata: dict[str, str], overwrite: bool) -> None:
-    """Temp file beside ``out`` then os.replace: readers never see a partial file."""
+def _write_atomically(output: Output, tensors: dict, metadata: dict[str, str]) -> None:
+    """Temp file beside the output, then the checked rename: readers never see a partial file."""
     from safetensors.numpy import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    fd, tmp = output.temp_file("write")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        _check_output(out, overwrite)  # something may have appeared meanwhile
-        os.replace(tmp, out)
+        with output.errors():
+            save_file(tensors, tmp, metadata=metadata)
+        output.place(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -261,13 +258,39 @@ def _import_torch_transformers():
     return torch, transformers
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(model_dir, transformers):
+    folder = Path(model_dir)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: the model has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                              f"calibration needs one to turn the text into tokens: copy the tokenizer "
+                              f"files of the base model into the directory")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer: {e}") from e
+
+
 def _load_model(model_dir, transformers, torch):
     try:
-        model = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        return transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load the model or tokenizer: {e}") from None
-    return model, tokenizer
+        raise CheckpointError(f"{model_dir}: cannot load the model: {e}") from e
+
+
+@contextlib.contextmanager
+def _transformers_progress(transformers, progress: bool):
+    """transformers' own progress bars follow ours (a terminal only, never with -q or in a pipe), then as before."""
+    log = transformers.utils.logging
+    was = log.is_progress_bar_enabled()
+    (log.enable_progress_bar if progress else log.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (log.enable_progress_bar if was else log.disable_progress_bar)()
 
 
 def _pad_id(tokenizer) -> int:
@@ -283,19 +306,31 @@ def calibrate(model_dir, text_file, out, *, max_tokens: int = 65536, seq_len: in
     """Write the calibration statistics of ``model_dir`` on ``text_file`` to ``out``."""
     started = time.perf_counter()
     _check_args(max_tokens, seq_len, batch_size)
-    out = Path(out)
-    _check_output(out, overwrite)  # fail before the forward passes
+    # Everything that can fail cheaply fails before the model loads: the output, the text, the tokenizer.
+    output = Output(out, kind="file", inputs={"model": model_dir, "text file": text_file}, overwrite=overwrite)
+    paragraphs = read_paragraphs(text_file)
     torch, transformers = _import_torch_transformers()
+    with _transformers_progress(transformers, progress):
+        return _calibrate(model_dir, text_file, output, paragraphs, torch, transformers, started,
+                          max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, progress=progress)
+
+
+def _calibrate(model_dir, text_file, output, paragraphs, torch, transformers, started, *, max_tokens, seq_len,
+               batch_size, progress) -> CalibrationReport:
     from tqdm import tqdm
 
     from .checkpoint import Checkpoint
 
     with Checkpoint(model_dir) as ckpt:
         checkpoint_names = ckpt.names()
-    model, tokenizer = _load_model(model_dir, transformers, torch)
-    sequences = token_sequences(tokenizer, read_paragraphs(text_file), seq_len, max_tokens)
+    tokenizer = _load_tokenizer(model_dir, transformers)
+    sequences = token_sequences(tokenizer, paragraphs, seq_len, max_tokens)
     if not sequences:
         raise UsageError(f"{text_file}: no text to calibrate on")
+    model = _load_model(model_dir, transformers, torch)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max(map(len, sequences)) > positions:
+        raise UsageError(f"--seq-len {seq_len} exceeds the {positions} positions of the model {model_dir}")
     collector = _Collector(model, module_tensor_names(model, checkpoint_names))
     try:
         batches = _batches(sequences, batch_size, _pad_id(tokenizer))
@@ -312,8 +347,8 @@ def calibrate(model_dir, text_file, out, *, max_tokens: int = 65536, seq_len: in
     metadata = {"format": FORMAT, "version": VERSION, "tokens": str(tokens),
                 "sequences": str(len(sequences)), "seq_len": str(seq_len),
                 "model": Path(model_dir).resolve().name, "text_sha256": _sha256(text_file)}
-    _write_atomically(out, tensors, metadata, overwrite)
-    return CalibrationReport(str(out), tokens, len(sequences), len(tensors),
+    _write_atomically(output, tensors, metadata)
+    return CalibrationReport(output.given, tokens, len(sequences), len(tensors),
                              time.perf_counter() - started)
 
 

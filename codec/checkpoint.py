@@ -19,15 +19,16 @@ import re
 import shutil
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, sniff
+from ._version import __version__
 from .constants import MAX_ATTACHMENT_BYTES, MAX_ATTACHMENT_NAME_BYTES
-from .errors import CheckpointError, DcmError, FormatError, OutputExistsError, UsageError
+from .errors import CheckpointError, DcmError, FormatError, InputChangedError, UsageError
+from .outputs import MARKER, Output, write_marker
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,6 +41,11 @@ _WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot",
 )
 _TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
+# What transformers' Trainer saves beside a model: not part of it, never carried.
+TRAINING_STATE = "training state, not part of the model"
+_TRAINING_FILE = re.compile(r"optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth"
+                            r"|training_args\.bin|pytorch_model_fsdp(_\d+)?\.bin")
+_TRAINER_DIR = re.compile(r"(checkpoint|global_step)-?\d+")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _stamp(st) -> tuple[int, int, int]:
+    """What tells that a file changed: its size, modification time and inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def _is_weight_file(name: str) -> bool:
     # Also e.g. pytorch_model.bin.index.json: an index of weights we do not carry.
     stem = name[: -len(".index.json")] if name.endswith(".index.json") else name
@@ -120,15 +131,22 @@ def _parse_header(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
+            head = f.read(sniff.HEAD_BYTES)
+            hint = sniff.not_a_checkpoint(head, path.name)
+            if hint:
+                raise CheckpointError(f"{path}: {hint}")
+            if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated: {size} bytes, no header length")
-            (n,) = struct.unpack("<Q", prefix)
+            (n,) = struct.unpack("<Q", head[:8])
             if n > MAX_HEADER_BYTES or n > size - 8:
-                raise CheckpointError(f"{path}: header length {n} exceeds limits or file size {size}")
+                raise CheckpointError(f"{path}: not a safetensors file: header length {n} exceeds "
+                                      f"limits or file size {size}")
+            f.seek(8)
             raw = f.read(n)
+    except IsADirectoryError as e:
+        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from e
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     header = _load_json(raw, f"{path}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -183,7 +201,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], list[str]]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     index = _load_json(raw, str(path))
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
@@ -199,13 +217,18 @@ class Checkpoint:
     """A safetensors checkpoint: a model directory (single or sharded) or one file."""
 
     def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"a checkpoint is a path (str or os.PathLike) to a model directory or "
+                             f".safetensors file, got {type(path).__name__} {path!r:.80}")
         self.path = Path(path)
         self._infos: dict[str, TensorInfo] = {}
         self._fds: dict[str, int] = {}
+        self._stamps: dict[str, tuple] = {}  # (size, mtime) of each weight file when its header was read
         self._metadata: dict[str, str] = {}
         self._own_files: set[str] = set()  # weight files that make up this checkpoint
         self._attachments: dict[str, Path] | None = None
         self._skipped: list[tuple[str, str]] = []
+        self.notes: list[str] = []  # what a user should know about how the directory was read
         if self.path.is_dir():
             self._open_dir()
         elif self.path.is_file():
@@ -220,10 +243,18 @@ class Checkpoint:
             self._metadata, infos = _parse_header(self.path / SINGLE_FILE)
             self._add(infos)
             self._own_files = {SINGLE_FILE}
+            if (self.path / INDEX_FILE).is_file():
+                self.notes.append(f"{self.path}: using the weights in {SINGLE_FILE}; {INDEX_FILE} and "
+                                  f"its shards are ignored (as transformers does)")
         elif (self.path / INDEX_FILE).is_file():
             self._open_sharded(self.path / INDEX_FILE)
         else:
-            raise CheckpointError(f"{self.path}: directory has neither {SINGLE_FILE} nor {INDEX_FILE}")
+            try:
+                names = os.listdir(self.path)
+            except OSError:
+                names = []
+            why = sniff.pickle_only_directory(names) or f"directory has neither {SINGLE_FILE} nor {INDEX_FILE}"
+            raise CheckpointError(f"{self.path}: {why}")
 
     def _open_sharded(self, index_path: Path) -> None:
         wmap, shards = _read_index(index_path)
@@ -247,6 +278,8 @@ class Checkpoint:
             if t.name in self._infos:
                 raise CheckpointError(f"{t._path}: tensor {t.name!r} also in {self._infos[t.name]._path}")
             self._infos[t.name] = t
+            if t._path not in self._stamps:
+                self._stamps[t._path] = _stamp(os.stat(t._path))
 
     # --- tensors ---
 
@@ -299,19 +332,31 @@ class Checkpoint:
         buf = np.empty(nbytes, dtype=np.uint8)
         fd = self._fd(t._path)
         view, pos = memoryview(buf), 0
-        while pos < nbytes:
-            got = os.preadv(fd, [view[pos:]], t._offset + offset + pos)
-            if got <= 0:
-                raise CheckpointError(f"{t._path}: tensor {t.name!r}: file truncated while reading")
-            pos += got
+        try:
+            while pos < nbytes:
+                got = os.preadv(fd, [view[pos:]], t._offset + offset + pos)
+                if got <= 0:
+                    raise InputChangedError(f"{t._path}: tensor {t.name!r}: the file was truncated "
+                                            f"while dcm was reading it")
+                pos += got
+            changed = _stamp(os.fstat(fd)) != self._stamps[t._path]
+        except OSError as e:
+            raise CheckpointError(f"{t._path}: tensor {t.name!r}: cannot read: {e.strerror or e}") from e
+        if changed:
+            raise InputChangedError(f"{t._path}: the file changed while dcm was reading it; "
+                                    f"replace a file by renaming a new one into place")
         return buf
 
     def _fd(self, path: str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             except OSError as e:
-                raise CheckpointError(f"{path}: cannot open: {e}") from None
+                raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
+            if _stamp(os.fstat(fd)) != self._stamps[path]:
+                os.close(fd)
+                raise InputChangedError(f"{path}: the file changed while dcm was reading it (after its header)")
+            self._fds[path] = fd
         return self._fds[path]
 
     # --- attachments ---
@@ -332,7 +377,7 @@ class Checkpoint:
         try:
             data = found.read_bytes()
         except OSError as e:
-            raise CheckpointError(f"{found}: cannot read: {e}") from None
+            raise CheckpointError(f"{found}: cannot read: {e.strerror or e}") from e
         if len(data) > MAX_ATTACHMENT_BYTES:  # it grew since the scan
             raise CheckpointError(f"{found}: larger than {MAX_ATTACHMENT_BYTES} bytes")
         return data
@@ -351,6 +396,9 @@ class Checkpoint:
                 continue
             rel = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
+                if _TRAINER_DIR.fullmatch(entry.name):  # a Trainer's checkpoint-500/: a whole copy
+                    self._skipped.append((rel + "/", TRAINING_STATE))
+                    continue
                 self._walk(Path(entry.path), rel + "/")
             elif not (prefix == "" and entry.name in self._own_files):
                 self._consider(Path(entry.path), rel)
@@ -363,8 +411,10 @@ class Checkpoint:
             self._attachments[rel] = path
 
     def _skip_reason(self, path: Path, rel: str) -> str | None:
+        if _TRAINING_FILE.fullmatch(path.name):
+            return TRAINING_STATE
         if _is_weight_file(path.name):
-            return "weight file outside the checkpoint"
+            return "weight file not read (dcm reads the checkpoint's safetensors weights)"
         try:
             check_relpath(rel)
         except FormatError:
@@ -504,16 +554,18 @@ class CheckpointWriter:
 
     Everything goes to a hidden temporary sibling directory (same filesystem, so
     the final rename is atomic); an exception or abort() removes it, so there is
-    never a partial output.  Leaving the ``with`` block normally commits.
+    never a partial output.  Leaving the ``with`` block normally commits.  The
+    directory gets a marker file (``outputs.MARKER``) listing what dcm wrote,
+    which is what lets ``overwrite`` replace it later; ``inputs`` ({role: path})
+    are what the output must never be, hold or replace (see :mod:`dcm.outputs`).
     """
 
     def __init__(self, out_dir, tensors: list, metadata: dict[str, str] | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False):
-        self.out_dir = Path(out_dir).absolute()
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, inputs=None):
         self.overwrite = overwrite
         _check_tensor_list(tensors)
-        if max_shard_bytes < 1:
-            raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        if not _is_int(max_shard_bytes) or max_shard_bytes < 1:
+            raise UsageError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
         meta = dict(metadata or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise UsageError("checkpoint metadata must map strings to strings")
@@ -523,13 +575,15 @@ class CheckpointWriter:
         self._next = 0  # index into _order of the next tensor to write
         self._file = None
         self._attachments: set[str] = set()
-        self._check_output_free()  # fail before writing gigabytes
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.tmp-"))
-        mask = os.umask(0)
-        os.umask(mask)
-        self._tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700; the output gets the usual mode
+        self._done = True  # until the temporary exists: abort() has nothing to remove
+        self.output = Output(out_dir, kind="dir", inputs=inputs, overwrite=overwrite)  # before writing gigabytes
+        self.out_dir = Path(self.output.path)
+        self._tmp = Path(self.output.temp_dir("write"))
         self._done = False
+        with self.output.errors():
+            mask = os.umask(0)
+            os.umask(mask)
+            self._tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700; the output gets the usual mode
 
     @staticmethod
     def _make_shards(tensors, meta, max_shard_bytes) -> list[_Shard]:
@@ -542,14 +596,6 @@ class CheckpointWriter:
             shards.append(_Shard(name, group, _encode_header(group, meta), data))
         return shards
 
-    def _check_output_free(self) -> None:
-        out = self.out_dir
-        if self.overwrite or not (out.exists() or out.is_symlink()):
-            return
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            return
-        raise OutputExistsError(f"{out}: output exists and is not an empty directory")
-
     # --- writing ---
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -561,10 +607,11 @@ class CheckpointWriter:
         if name != t.name:
             raise UsageError(f"tensor {name!r} written out of order: expected {t.name!r}")
         data = self._as_bytes(t, array)
-        if self._file is None:
-            self._file = open(self._tmp / shard.file_name, "xb")
-            self._file.write(shard.header)
-        self._file.write(data)
+        with self.output.errors():
+            if self._file is None:
+                self._file = open(self._tmp / shard.file_name, "xb")
+                self._file.write(shard.header)
+            self._file.write(data)
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] is not shard:
             self._finish_shard(shard)
@@ -585,8 +632,9 @@ class CheckpointWriter:
 
     def _finish_shard(self, shard: _Shard) -> None:
         f, self._file = self._file, None
-        end = f.tell()
-        f.close()
+        with self.output.errors():
+            end = f.tell()
+            f.close()
         if end != len(shard.header) + shard.data_bytes:  # a bug, not bad input
             raise AssertionError(f"{shard.file_name}: wrote {end} bytes, planned otherwise")
 
@@ -597,13 +645,14 @@ class CheckpointWriter:
         weights = {s.file_name for s in self._shards} | {INDEX_FILE}
         if relpath in weights or relpath in self._attachments:
             raise UsageError(f"attachment {relpath!r} clashes with a weight file or earlier attachment")
+        if relpath == MARKER or any(relpath.startswith(a + "/") or a.startswith(relpath + "/")
+                                    for a in self._attachments):
+            raise UsageError(f"attachment {relpath!r} clashes with dcm's marker or another attachment's folder")
         target = self._tmp / relpath
-        try:
+        with self.output.errors():
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "xb") as f:
                 f.write(data)
-        except OSError as e:
-            raise UsageError(f"attachment {relpath!r}: cannot write: {e}") from None
         self._attachments.add(relpath)
 
     # --- finishing ---
@@ -615,11 +664,14 @@ class CheckpointWriter:
         try:
             if self._next != len(self._order):
                 raise UsageError(f"tensor {self._order[self._next][1].name!r} was never written")
-            if len(self._shards) > 1:
-                self._write_index()
-            if not self._order:  # no tensors: still write a valid, empty model file
-                (self._tmp / SINGLE_FILE).write_bytes(self._shards[0].header)
-            self._move_into_place()
+            with self.output.errors():
+                if len(self._shards) > 1:
+                    self._write_index()
+                if not self._order:  # no tensors: still write a valid, empty model file
+                    (self._tmp / SINGLE_FILE).write_bytes(self._shards[0].header)
+                files = [s.file_name for s in self._shards] + ([INDEX_FILE] if len(self._shards) > 1 else [])
+                write_marker(self._tmp, files + sorted(self._attachments), f"dcm {__version__}")
+            self.output.place(str(self._tmp))
         except BaseException:
             self.abort()
             raise
@@ -633,23 +685,13 @@ class CheckpointWriter:
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
         (self._tmp / INDEX_FILE).write_text(text, encoding="utf-8")
 
-    def _move_into_place(self) -> None:
-        self._check_output_free()  # something may have appeared meanwhile
-        out = self.out_dir
-        old = None
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            out.rmdir()
-        elif out.exists() or out.is_symlink():  # overwrite: move the old one aside first
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / "old"
-            os.rename(out, old)
-        os.rename(self._tmp, out)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
-
     def abort(self) -> None:
         """Discard everything written; idempotent."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a failed flush (disk full): the file goes away with the directory
+                pass
             self._file = None
         if not self._done:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -3,19 +3,25 @@
 Every failure dcm raises on purpose is a :class:`~dcm.errors.DcmError`; the
 command prints its message (no traceback) and exits with the error's code
 (``EXIT_CODES``).  Operating-system errors on the paths given (missing file,
-permission denied) exit 3 the same way.
+permission denied) exit 3 the same way; on the output side, 6.  SIGINT,
+SIGTERM and SIGHUP stop a command the same way: temporaries are removed and
+it exits 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import os
 import re
+import signal
 import sys
+import warnings
 
 from ._version import __version__
-from .errors import EXIT_CODES, DcmError, UsageError
+from .errors import EXIT_CODES, DcmError, DcmWarning, UsageError
 
 OS_ERROR_EXIT = 3  # a missing or unreadable path is invalid input
 
@@ -56,24 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", default=False,
                         help="print nothing but errors and warnings, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.subcommands = {}  # name -> its parser, for usage errors in the subcommand's words
 
     def add(name, help_text):
-        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                              epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                           epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.subcommands[name] = p
+        return p
 
+    from .methods import METHODS, BudgetedMethod
+
+    lossy = [n for n, c in METHODS.items() if c.codes_tensors()]
+    default_ratio = BudgetedMethod.default_ratio
     p = add("encode", "encode a fine-tune against its base into a .dcm file")
     p.add_argument("base", metavar="BASE", help="base model directory or .safetensors file")
     p.add_argument("finetune", metavar="FT", help="fine-tuned model directory or .safetensors file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dcm", help="the .dcm file to write")
-    p.add_argument("--method", default="lossless", help="codec method (default: lossless)")
-    p.add_argument("--ratio", default=None, help="target size ratio of lossy methods, e.g. 1/16")
+    p.add_argument("--method", default="lossless", metavar="METHOD",
+                   help=f"codec method: lossless (default, exact), or lossy: {', '.join(lossy)}")
+    p.add_argument("--ratio", default=None,
+                   help=f"target size of a lossy method's matrices against a 16-bit dense delta, e.g. 1/16 "
+                        f"(default: {default_ratio}; bitdelta: every row)")
+    p.add_argument("--allow-uncoded", action="store_true",
+                   help="write the file even when a lossy method codes no tensor, or the file takes more "
+                        "than twice its budget (refused by default, with the reasons per tensor group)")
     p.add_argument("--include", action="extend", nargs="+", default=None, metavar="GLOB",
                    help="apply the method only to tensors matching these patterns")
     p.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="GLOB",
                    help="never apply the method to tensors matching these patterns")
     p.add_argument("--zstd-level", type=int, default=None, metavar="N",
                    help="zstd level 1..22 of every blob (default: 3, and 1 for the byte planes of exact deltas)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.dcm if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT.dcm if it exists (a regular file, never an input)")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
                    help="bit widths from the paper's fixed recipe (default) or by rate-distortion over the file")
@@ -123,25 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=65536, metavar="N", help="tokens to run (default: 65536)")
     p.add_argument("--seq-len", type=int, default=128, metavar="N", help="tokens per sequence (default: 128)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
-    p.add_argument("--overwrite", action="store_true", help="replace STATS if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace STATS if it exists (a regular file, never an input)")
     p.set_defaults(func=cmd_calibrate)
 
     p = add("decode", "rebuild the fine-tuned checkpoint from a .dcm file and its base")
-    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("input", metavar="IN.dcm", help="the .dcm file to decode")
     p.add_argument("--base", required=True, metavar="BASE", help="base model directory or .safetensors file")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="the model directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTDIR if it exists: a regular file or a directory dcm wrote, never anything else")
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="largest safetensors shard, e.g. 500MB, 2GiB or bytes (default: 5GiB)")
     p.set_defaults(func=cmd_decode)
 
     p = add("info", "show what a .dcm file holds and where its bytes go")
-    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("input", metavar="IN.dcm", help="the .dcm file to describe")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--check", action="store_true",
+                   help="also check every payload (checksums, decoding), as `dcm verify` without a base")
     p.set_defaults(func=cmd_info)
 
     p = add("verify", "check a .dcm file completely (checksums, payloads, optionally the base)")
-    p.add_argument("input", metavar="IN.dcm")
+    p.add_argument("input", metavar="IN.dcm", help="the .dcm file to check")
     p.add_argument("--base", default=None, metavar="BASE",
                    help="also check the base and decode every tensor against it")
     p.set_defaults(func=cmd_verify)
@@ -165,13 +189,6 @@ def _progress(args) -> bool:
         return False
 
 
-def _check_output_dir(path) -> None:
-    """Name the missing folder of an output path (not a temporary file inside it)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(2, "output directory does not exist", folder)
-
-
 def _say(args, text: str) -> None:
     if not args.quiet:
         print(text)
@@ -181,32 +198,53 @@ def _warn(text: str) -> None:
     print(f"dcm: warning: {text}", file=sys.stderr)
 
 
+def _note_inputs(*paths, carried=None) -> None:
+    """What the user should know about how the input directories were read (which weights), and
+    which side files of ``carried`` (the fine-tune) are not carried."""
+    from .checkpoint import TRAINING_STATE, Checkpoint
+    from .info import sanitize
+
+    skipped = []
+    for path in paths + ((carried,) if carried is not None else ()):
+        with Checkpoint(path) as ckpt:
+            for note in ckpt.notes:
+                _warn(sanitize(note))
+            if path is carried:
+                skipped = ckpt.skipped_attachments()
+    training = [rel for rel, reason in skipped if reason == TRAINING_STATE]
+    if training:
+        shown = ", ".join(map(sanitize, training[:4])) + (", ..." if len(training) > 4 else "")
+        _warn(f"not carrying the training state beside the model ({shown}): not part of the model")
+    for relpath, reason in skipped:
+        if reason != TRAINING_STATE:
+            _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
+
+
 # --- commands --------------------------------------------------------------------
 
 
 def cmd_encode(args) -> int:
-    from .checkpoint import Checkpoint
     from .encode import encode
     from .info import one_in, sanitize
+    from .methods import get_method
 
-    _check_output_dir(args.output)
-    with Checkpoint(args.finetune) as ft:
-        for relpath, reason in ft.skipped_attachments():
-            _warn(f"not carrying {sanitize(relpath)!s}: {reason}")
     names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    # Arguments first, before anything is read (the statistics file is opened by encode itself).
+    get_method(args.method, {k: v for k, v in options.items() if k != "calibration"}, ratio=args.ratio,
+               include=args.include, exclude=args.exclude, zstd_level=args.zstd_level)
     executor = None
     if args.ray is not None:
         if args.workers or args.threads:
             raise UsageError("--ray runs every tensor as a Ray task: drop --workers and --threads")
         from .distributed.ray import RayExecutor
-        executor = RayExecutor(args.ray or None, inputs=args.ray_inputs,
-                               device=args.device)
+        executor = RayExecutor(args.ray or None, inputs=args.ray_inputs, device=args.device)
+    _note_inputs(args.base, carried=args.finetune)
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
                     threads=args.threads, workers=args.workers, executor=executor, device=args.device,
-                    max_memory=args.max_memory)
+                    max_memory=args.max_memory, allow_uncoded=args.allow_uncoded)
     if report.params:
         ratio = report.file_bytes / (2 * report.params)
         sizes = (f"{report.bits_per_param:.3f} bits/param, "
@@ -215,6 +253,13 @@ def cmd_encode(args) -> int:
         sizes = "no parameters in the fine-tune"
     _say(args, f"wrote {sanitize(report.path)}: {report.file_bytes} bytes, {report.records} records, "
                f"{sizes}, {report.seconds:.2f} s")
+    cov = report.coverage
+    if cov is not None and cov.lossy:
+        _say(args, f"  {cov.summary()}")
+        for line in cov.reason_lines():
+            _say(args, f"  not coded: {line}")
+        for problem in cov.problems():  # only with --allow-uncoded: otherwise encode refused
+            _warn(problem)
     return 0
 
 
@@ -222,6 +267,11 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .info import sanitize
 
+    if args.quiet:  # transformers' own warnings too: -q prints only ours
+        with contextlib.suppress(ImportError):
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
     report = calibrate(args.model, args.text, args.output, max_tokens=args.max_tokens, seq_len=args.seq_len,
                        batch_size=args.batch_size, overwrite=args.overwrite, progress=_progress(args))
     _say(args, f"wrote {sanitize(report.path)}: {report.layers} tensors from {report.tokens} tokens "
@@ -233,17 +283,26 @@ def cmd_decode(args) -> int:
     from .decode import DEFAULT_MAX_SHARD_BYTES, decode
     from .info import sanitize
 
+    _note_inputs(args.base)
     report = decode(args.input, args.base, args.output, overwrite=args.overwrite, progress=_progress(args),
                     max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES)
     _say(args, f"wrote {sanitize(report.path)}: {report.tensors} tensors ({report.bytes_written} bytes), "
                f"{report.attachments} attachments, {report.seconds:.2f} s")
+    if report.lossy_tensors:
+        _say(args, f"  approximate: {report.lossy_tensors} of the {report.tensors} tensors were coded by the "
+                   f"lossy method {sanitize(report.method)}; they approximate the fine-tune's, the rest are exact")
     return 0
 
 
 def cmd_info(args) -> int:
     from .info import format_info, info
+    from .verify import verify
 
     d = info(args.input)
+    if args.check:
+        report = verify(args.input, progress=_progress(args))  # raises on the first bad payload
+        d["payloads_checked"] = {"records": report.records_checked, "blobs": report.blobs_checked,
+                                 "bytes": report.bytes_checked}
     if args.json:
         print(json.dumps(d, indent=2))  # ensure_ascii: file strings cannot reach the terminal raw
     else:
@@ -255,6 +314,8 @@ def cmd_verify(args) -> int:
     from .info import sanitize
     from .verify import verify
 
+    if args.base is not None:
+        _note_inputs(args.base)
     report = verify(args.input, base=args.base, progress=_progress(args))
     _say(args, f"OK {sanitize(report.path)}: {report.summary()}")
     return 0
@@ -267,7 +328,7 @@ def _clean(message) -> str:
     """An error message safe for a terminal (names in it may come from a hostile file)."""
     from .info import sanitize
 
-    return sanitize(message, escape_backslash=False)
+    return "\n".join(sanitize(line, escape_backslash=False) for line in str(message).split("\n"))
 
 
 def _os_message(e: OSError) -> str:
@@ -276,20 +337,107 @@ def _os_message(e: OSError) -> str:
     return f"{': '.join(map(str, names))}: {what}" if names else what
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stopping signal (SIGINT, SIGTERM, SIGHUP), raised where the program is so that cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM and SIGHUP are handled like Ctrl-C: an exception unwinds the writers, which remove their
+    temporaries.  Later signals are ignored while that cleanup runs (it takes moments); the previous
+    handlers come back on the way out (main() may run inside another program, or a test)."""
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    try:
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """dcm's warnings (DcmWarning) print as 'dcm: warning: ...', not with a file and line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DcmWarning):
+            _warn(_clean(message))
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DcmWarning)
+        warnings.showwarning = show
+        yield
+
+
+_NEGATIVE = re.compile(r"-[0-9.][0-9./eE+-]*")
+
+
+def _join_negative_values(argv: list[str], parser) -> list[str]:
+    """``--ratio -1/16`` -> ``--ratio=-1/16``: argparse would take -1/16 for an option, not a value."""
+    takes_value = {opt for p in parser.subcommands.values() for a in p._actions
+                   if a.nargs is None and a.option_strings and not isinstance(a, argparse._StoreTrueAction)
+                   for opt in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and _NEGATIVE.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _parse(parser, argv):
+    """Parse; an unknown option is reported with its subcommand's usage, and a near miss suggested."""
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv), parser)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.subcommands.get(getattr(args, "command", None), parser)
+        known = [o for a in sub._actions for o in a.option_strings]
+        hints = [m for e in extra if e.startswith("-") for m in difflib.get_close_matches(e.split("=")[0], known, 1)]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
     except SystemExit as e:  # --help, --version, usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
-        return args.func(args)
+        with _stop_signals(), _warnings_to_stderr():
+            return args.func(args)
     except DcmError as e:
         print(f"dcm: error: {_clean(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("dcm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"dcm: interrupted ({signal.Signals(signum).name}); no partial output was left",
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         # `dcm info x.dcm | head`: stop quietly; point stdout at devnull so the
         # interpreter's final flush does not fail again.

@@ -100,6 +100,18 @@ def pin_one_thread() -> None:
     _thread.pinned = True
 
 
+def pin_later() -> None:
+    """Mark the calling thread (a pool thread's initializer) to ``pin_one_thread`` before its first numerics:
+    pinning imports torch, which a lossless encode never needs (~200 MB of memory, seconds of start-up)."""
+    _thread.pin_later = True
+
+
+def pin_if_asked() -> None:
+    """``pin_one_thread`` in a thread ``pin_later`` marked; nothing elsewhere."""
+    if getattr(_thread, "pin_later", False):
+        pin_one_thread()
+
+
 @contextlib.contextmanager
 def single_threaded():
     """``pin_one_thread`` for the duration of the block; the previous thread counts come back after."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
-import tempfile
+import threading
 from dataclasses import dataclass
 
 from . import blobs
@@ -31,19 +32,24 @@ from .constants import (
 )
 from .errors import (
     BadMagicError,
+    ClosedFileError,
     FormatError,
     HeaderChecksumError,
+    InputChangedError,
+    InputError,
     LayoutError,
     LimitError,
-    OutputExistsError,
     PayloadError,
     TrailingDataError,
     TruncatedError,
     UnknownFlagError,
     UnknownKindError,
     UnsupportedVersionError,
-    UsageError,
 )
+from .outputs import Output
+from .sniff import what_file_is
+
+_MAP_READS_FROM = 1 << 20  # bytes: larger reads go to an anonymous memory map
 
 # magic, major, minor, required flags, optional flags, alignment, index length,
 # file length, 20 reserved bytes, CRC-32 (spec section "Header").
@@ -150,20 +156,18 @@ class ContainerWriter:
     """Streams blobs to a side file, then writes header + index + blobs atomically.
 
     Use as a context manager; ``finish(index)`` completes the file, leaving the
-    exception path to remove every temporary file.
+    exception path to remove every temporary file.  ``inputs`` ({role: path})
+    are the files the output must never be or replace (see :mod:`dcm.outputs`).
     """
 
     def __init__(self, path, *, zstd_level: int | None = 3, alignment: int = DEFAULT_ALIGNMENT,
-                 overwrite: bool = False):
-        self.path = os.fspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise OutputExistsError(f"{self.path} exists (pass overwrite to replace it)")
+                 overwrite: bool = False, inputs=None):
+        self.output = Output(path, kind="file", inputs=inputs, overwrite=overwrite)
+        self.path = self.output.given
         self.zstd_level = zstd_level
         self.alignment = alignment
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise UsageError(f"output directory {folder} does not exist")
-        self._payload = tempfile.NamedTemporaryFile(dir=folder, prefix=".dcm-payload-", delete=False)
+        fd, self._payload_path = self.output.temp_file("payload")
+        self._payload = os.fdopen(fd, "w+b")
         self._end = 0
 
     def add_blob(self, raw, *, compress: bool = True) -> dict:
@@ -178,8 +182,9 @@ class ContainerWriter:
 
     def _append(self, encoding: int, stored, raw_length: int, crc: int) -> dict:
         offset = align_up(self._end, self.alignment)
-        self._payload.write(bytes(offset - self._end))
-        self._payload.write(stored)
+        with self.output.errors():
+            self._payload.write(bytes(offset - self._end))
+            self._payload.write(stored)
         self._end = offset + len(stored)
         return {"offset": offset, "length": len(stored), "encoding": encoding,
                 "raw_length": raw_length, "crc32": crc}
@@ -189,36 +194,47 @@ class ContainerWriter:
         """Bytes of the data section so far (what ``finish`` copies)."""
         return self._end
 
+    def file_length(self, index: dict, index_bytes: bytes) -> int:
+        """The size ``finish(index, index_bytes)`` will give the file."""
+        if not any(True for _ in iter_blobs(index)):
+            return HEADER_SIZE + len(index_bytes)
+        return align_up(HEADER_SIZE + len(index_bytes), self.alignment) + self._end
+
     def finish(self, index: dict, index_bytes: bytes, progress=None) -> int:
         """Assemble the file; returns its size in bytes.  ``progress(n)`` is told of each n bytes copied."""
         if len(index_bytes) > MAX_INDEX_BYTES:
             raise LimitError(f"index of {len(index_bytes)} bytes exceeds the limit {MAX_INDEX_BYTES}")
-        self._payload.flush()
         any_blob = any(True for _ in iter_blobs(index))
         data_start = align_up(HEADER_SIZE + len(index_bytes), self.alignment)
-        file_length = data_start + self._end if any_blob else HEADER_SIZE + len(index_bytes)
+        file_length = self.file_length(index, index_bytes)
         major, minor = index["format"]
         header = Header(major, minor, 0, 0, self.alignment, len(index_bytes), file_length)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".dcm-out-")
+        with self.output.errors():
+            self._payload.flush()
+            fd, tmp_path = self.output.temp_file("out")
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            with os.fdopen(fd, "wb") as out:
-                out.write(header.pack(index_bytes))
-                out.write(index_bytes)
-                if any_blob:
-                    out.write(bytes(data_start - HEADER_SIZE - len(index_bytes)))
-                    out.flush()
-                    _copy_file(self._payload.name, out, self._end, progress)
-            os.replace(tmp_path, self.path)
+            with self.output.errors():
+                os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+                with os.fdopen(fd, "wb") as out:
+                    out.write(header.pack(index_bytes))
+                    out.write(index_bytes)
+                    if any_blob:
+                        out.write(bytes(data_start - HEADER_SIZE - len(index_bytes)))
+                        out.flush()
+                        _copy_file(self._payload_path, out, self._end, progress)
+            self.output.place(tmp_path)
         except BaseException:
             _unlink(tmp_path)
             raise
         return file_length
 
     def close(self):
-        self._payload.close()
-        _unlink(self._payload.name)
+        try:
+            self._payload.close()
+        except OSError:  # a failed flush (disk full): the file is removed all the same
+            pass
+        finally:
+            _unlink(self._payload_path)
 
     def __enter__(self):
         return self
@@ -272,49 +288,102 @@ def _unlink(path):
 # --- reading ----------------------------------------------------------------------
 
 
-class MappedFile:
-    """A read-only memory map of a whole .dcm file, with its checked header."""
+class ContainerFile:
+    """A .dcm file opened for reading, with its checked header.
+
+    Read with ``pread`` into fresh buffers, not memory-mapped: a mapped file
+    that is truncated or rewritten while it is read kills the process with
+    SIGBUS, where a read returns short or different bytes that dcm reports.
+    Every read also checks that the file's size and modification time are
+    still those it had when opened (InputChangedError), and a closed file
+    raises ClosedFileError, also when one thread closes it while others read
+    (the descriptor is closed only when the last read returns).
+    """
 
     def __init__(self, path):
-        self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            raw_header = f.read(HEADER_SIZE)
-            self.header = parse_header(raw_header, size)
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise InputError(f"a .dcm path must be a str or os.PathLike, got {type(path).__name__}")
+        self.path = os.fsdecode(os.fspath(path))
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot open: {e.strerror}") from e
+        self._fd, self._users, self._closed = fd, 0, False
+        self._lock = threading.Lock()
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise InputError(f"{self.path}: is a directory, not a .dcm file")
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{self.path}: is not a regular file (dcm reads .dcm files by offset)")
+            self._stamp = (st.st_size, st.st_mtime_ns)
+            raw_header = self.read(0, min(HEADER_SIZE, st.st_size))
+            if raw_header[: len(MAGIC)] != MAGIC:
+                raise BadMagicError(f"not a .dcm file: {what_file_is(raw_header, self.path)}")
+            self.header = parse_header(raw_header, st.st_size)
+        except BaseException:
+            self.close()
+            raise
         self.raw_header = raw_header
 
-    def index_bytes(self) -> bytes:
-        return self._map[HEADER_SIZE : HEADER_SIZE + self.header.index_length]
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; the file must not have changed since it was opened."""
+        with self._lock:
+            if self._closed:
+                raise ClosedFileError(f"{self.path}: the file is closed")
+            self._users += 1
+            fd = self._fd
+        try:
+            self._check_unchanged(fd)
+            # A large read goes to an anonymous map, given back to the system as soon as it is
+            # dropped (a malloc'ed buffer of that size can stay resident in a fragmented heap).
+            buf = bytearray(length) if length < _MAP_READS_FROM else mmap.mmap(-1, length)
+            view, got = memoryview(buf), 0
+            while got < length:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise InputChangedError(f"{self.path}: the file changed while dcm was reading it "
+                                            f"(it ends before byte {offset + length})")
+                got += n
+            self._check_unchanged(fd)
+            return bytes(buf) if length < _MAP_READS_FROM else view
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read: {e.strerror}") from e
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._closed and self._users == 0 and self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
 
-    def stored(self, blob: dict) -> memoryview:
-        """The stored bytes of a blob (a view into the map, nothing copied)."""
-        start = self.header.data_start + blob["offset"]
-        return memoryview(self._map)[start : start + blob["length"]]
+    def _check_unchanged(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise InputChangedError(
+                f"{self.path}: the file changed while dcm was reading it (size {self._stamp[0]} -> "
+                f"{st.st_size} bytes, or modified); replace a file by renaming a new one into place")
+
+    def index_bytes(self) -> bytes:
+        return bytes(self.read(HEADER_SIZE, self.header.index_length))
+
+    def stored(self, blob: dict):
+        """The stored bytes of a blob, read fresh (bytes, or a memoryview of a private map when large)."""
+        return self.read(self.header.data_start + blob["offset"], blob["length"])
 
     def padding_is_zero(self, index: dict) -> bool:
         """Padding between index and data and between blobs must be zero (verify checks it)."""
-        view, end = memoryview(self._map), HEADER_SIZE + self.header.index_length
+        end = HEADER_SIZE + self.header.index_length
         for _, blob in iter_blobs(index):
             start = self.header.data_start + blob["offset"]
-            if any(view[end:start]):
+            if start > end and any(self.read(end, start - end)):
                 return False
             end = start + blob["length"]
         return True
 
-    def release(self, blob: dict) -> None:
-        """Drop a blob's pages from this process (keeps decode RSS near one tensor)."""
-        start = (self.header.data_start + blob["offset"]) // mmap.PAGESIZE * mmap.PAGESIZE
-        stop = self.header.data_start + blob["offset"] + blob["length"]
-        if stop > start and hasattr(self._map, "madvise"):
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):
-                pass
-
     def close(self):
-        try:
-            self._map.close()
-        except BufferError:
-            # A caller still holds a view of a raw payload; the map goes with it.
-            pass
+        """Idempotent; reads in flight in other threads finish first, later ones raise ClosedFileError."""
+        with self._lock:
+            self._closed = True
+            if self._users == 0 and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from . import dtypes, records
 from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo, TensorStream, check_relpath
-from .constants import Kind
+from .constants import LOSSY_KINDS, Kind
 from .errors import WrongBaseError
 from .reader import DcmFile, check_base_digest, check_base_shape
 
@@ -23,6 +23,8 @@ class DecodeReport:
     bytes_written: int
     attachments: int
     seconds: float
+    lossy_tensors: int = 0  # records a lossy method coded: those tensors approximate the fine-tune's
+    method: str = "lossless"
 
 
 def check_base_names(dcm: DcmFile, base: Checkpoint) -> None:
@@ -32,10 +34,12 @@ def check_base_names(dcm: DcmFile, base: Checkpoint) -> None:
         if name not in base:
             raise WrongBaseError(f"wrong base: tensor {name!r} is missing from the base")
         info = base.info(name)
-        if info.dtype != ref["dtype"] or tuple(info.shape) != tuple(ref["shape"]):
-            raise WrongBaseError(
-                f"wrong base: tensor {name!r} is {info.dtype}{list(info.shape)}, "
-                f"the file expects {ref['dtype']}{list(ref['shape'])}")
+        if info.dtype != ref["dtype"]:
+            raise WrongBaseError(f"wrong base: tensor {name!r} is {info.dtype} in the base, "
+                                 f"the file expects {ref['dtype']}")
+        if tuple(info.shape) != tuple(ref["shape"]):
+            raise WrongBaseError(f"wrong base: tensor {name!r} has shape {list(info.shape)} in the base, "
+                                 f"the file expects {list(ref['shape'])}")
     for name in base.names():
         if name not in refs:
             raise WrongBaseError(f"wrong base: the base has tensor {name!r}, unknown to the file")
@@ -80,8 +84,9 @@ def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = Fal
                 for r in kept]
         total = sum(t.nbytes for t in plan)
         metadata = dcm.index.get("checkpoint_metadata") or None
+        inputs = {".dcm file": path, "base": base}
         with CheckpointWriter(out_dir, plan, metadata=metadata, max_shard_bytes=max_shard_bytes,
-                              overwrite=overwrite) as writer, \
+                              overwrite=overwrite, inputs=inputs) as writer, \
                 tqdm(total=total, unit="B", unit_scale=True, desc="decode", disable=not progress) as bar:
             for info in plan:
                 writer.write(info.name, rebuild(dcm, base_ckpt, info.name))
@@ -90,5 +95,7 @@ def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = Fal
             for name in dcm.attachments():
                 writer.write_attachment(check_relpath(name), dcm.attachment(name))
             writer.commit()
+        lossy = sum(1 for r in kept if r.kind in LOSSY_KINDS)
+        method = dcm.index["method"]["name"]
     return DecodeReport(str(out_dir), len(plan), total, len(dcm.attachments()),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, lossy, method)

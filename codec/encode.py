@@ -29,12 +29,13 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from . import compute, jobs, methods
+from . import compute, coverage, jobs, methods
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
-from .errors import UsageError
+from .coverage import Coverage
+from .errors import CoverageError, UsageError
 from .index import check_index, pack_index
 from .jobs import Action, Job
 from .methods.budget import Ledger
@@ -54,6 +55,7 @@ class EncodeReport:
     # time inside its job), for benchmarks; recoded: jobs run again after a budget changed.
     timings: dict = field(default_factory=dict)
     recoded: int = 0
+    coverage: Coverage | None = None  # what a lossy method coded, and why not the rest
 
     @property
     def bits_per_param(self) -> float:
@@ -64,14 +66,26 @@ def _base_ref(info, sha: bytes) -> dict:
     return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
 
 
+def _check_coverage(cov: Coverage) -> None:
+    problems = cov.problems()
+    if problems:
+        lines = problems + [f"  {line}" for line in cov.reason_lines()]
+        raise CoverageError("\n".join(lines) + "\nnothing was written; --allow-uncoded (allow_uncoded=True) "
+                                                "writes such a file anyway")
+
+
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
            options: dict | None = None, zstd_level: int | None = None, overwrite: bool = False,
            progress: bool = False, creator: str | None = None, threads: int | None = None,
            workers: int | None = None, executor=None, device: str | None = None,
-           max_memory: int | None = None) -> EncodeReport:
+           max_memory: int | None = None, allow_uncoded: bool = True) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
+    ``include`` / ``exclude``: a glob or a list of globs.  The report's ``coverage``
+    says what a lossy method coded; with ``allow_uncoded=False`` (the CLI's
+    default) a lossy encode that codes no tensor, or whose file takes more than
+    twice its budget, raises CoverageError and writes nothing.
     ``zstd_level`` (1..22) applies to every blob; by default packed codes get 3 and the
     byte planes of exact records 1 (``methods.base.DEFAULT_PLANE_ZSTD_LEVEL``).
     Tensors are coded ``threads`` at a time in this process (default: one per core,
@@ -88,8 +102,9 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         if value is not None and (not isinstance(value, int) or value < (0 if label == "workers" else 1)):
             raise UsageError(f"{label} must be a positive integer, got {value!r}")
     timings: dict = {}
+    inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite) as writer:
+            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite, inputs=inputs) as writer:
         tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
         actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
                    for t in tensors]
@@ -130,15 +145,19 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)
         check_index(index)
+        index_bytes = pack_index(index)
+        cov = coverage.measure(profile, base_ckpt, ft_ckpt, index, writer.file_length(index, index_bytes))
+        if not allow_uncoded:
+            _check_coverage(cov)
         t0 = time.perf_counter()
         with _bar(progress, "write", writer.payload_bytes) as bar:
-            file_bytes = writer.finish(index, pack_index(index), progress=bar.update)
+            file_bytes = writer.finish(index, index_bytes, progress=bar.update)
         timings["write"] = time.perf_counter() - t0
         kept = [r for r in records if r["kind"] != Kind.REMOVED]
         params = sum(math.prod(r["shape"]) for r in kept)
         total = sum(t.nbytes for t in tensors)
     return EncodeReport(str(out), file_bytes, len(records), params, total, time.perf_counter() - started,
-                        timings, enc.recoded)
+                        timings, enc.recoded, cov)
 
 
 PROGRESS_DELAY = 1.0  # seconds a phase must last before its bar shows

@@ -10,6 +10,7 @@ window or hide lines (like ``gguf-dump`` does).
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 from . import dtypes
 from .constants import HEADER_SIZE, KIND_NAMES, LOSSY_KINDS, Encoding, Kind
@@ -75,6 +76,15 @@ def _encoding(number: int) -> str:
 
 def _bits(total_bytes: int, params: int):
     return 8 * total_bytes / params if params else None
+
+
+def _budget_bits(ratio):
+    """16 x the ratio a lossy method was asked for (its params' "ratio", e.g. "1/16"), or None."""
+    try:
+        value = Fraction(str(ratio))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return float(16 * value) if 0 < value <= 1 else None
 
 
 # --- the facts -------------------------------------------------------------------
@@ -156,6 +166,9 @@ def info(path) -> dict:
         padding = file_bytes - HEADER_SIZE - header.index_length - rec_payload - att_stored
         meta = dcm.metadata()
         ratio16 = file_bytes / (2 * params) if params else None
+        lossy["coded_fraction"] = lossy["params"] / params if params else None
+        lossy["budget_bits_per_param"] = _budget_bits(meta["params"].get("ratio"))
+        lossy["ratio"] = meta["params"].get("ratio")
         ratio_ft = file_bytes / ft_bytes if ft_bytes else None
         return plain({
             "path": str(dcm.path),
@@ -273,12 +286,27 @@ def format_info(d: dict) -> str:
         lines.append(f"compressed:        {c['records']} tensors, {c['params']} params in {c['bytes']} B"
                      f" (index {c['index_bytes']} + payload {c['payload_bytes']} + padding {c['padding_bytes']})"
                      f" = {_fmt_bits(c['bits_per_param'])} bits/param")
+    if c["records"] or c["budget_bits_per_param"] is not None:
+        budget = c["budget_bits_per_param"]
+        lines.append(f"coded:             {_pct(c['coded_fraction'])} of the params by {s(m['name'])}; whole file "
+                     f"{_fmt_bits(t['bits_per_param'])} bits/param"
+                     + (f", budget {budget:.3f} (ratio {s(c['ratio'])})" if budget is not None else ""))
     lines += [
         f"vs 16-bit dense:   {_ratio(t['ratio_vs_dense16'], t['ratio_vs_dense16_str'])}",
         f"vs fine-tune:      {_ratio(t['ratio_vs_finetune'], t['ratio_vs_finetune_str'])}"
         f" ({t['finetune_bytes']} B of tensors)",
     ]
+    checked = d.get("payloads_checked")
+    if checked:
+        lines.append(f"payloads:          all {checked['blobs']} checked ({checked['bytes']} B): checksums match, "
+                     f"every payload decodes")
+    else:
+        lines.append("payloads:          not checked (`dcm info --check` or `dcm verify` reads them all)")
     return "\n".join(lines)
+
+
+def _pct(fraction) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def _ratio(value, text) -> str:

@@ -28,14 +28,16 @@ import numpy as np
 from . import blobs, compute, dtypes
 from .checkpoint import STREAM_CHUNK, Checkpoint, TensorStream
 from .constants import Kind
+from .coverage import uncoded_reason
 from .methods.base import Method, TensorPlan
 from .methods.budget import record_cost
 from .reader import tensor_sha256
 from .records import DenseDelta, Full
 
 
-# True in a worker process: the first job that computes pins this process to one thread (in-process
-# executors run inside the encoder's compute.single_threaded() instead).
+# True in a worker process: the first job that computes pins this process to one thread (pool threads
+# of this process are marked by compute.pin_later; the inline executor runs inside the encoder's
+# compute.single_threaded()).
 PIN_BEFORE_NUMERICS = False
 
 
@@ -50,12 +52,13 @@ class Action(enum.Enum):
 
 def choose_action(ft_info, base_info, method: Method) -> Action:
     """The action for a fine-tune tensor (``base_info`` None: not in the base)."""
+    # coverage.uncoded_reason is the one place that decides whether the method codes a tensor.
+    if uncoded_reason(method, ft_info.name, ft_info, base_info) is None:
+        return Action.LOSSY
     if base_info is None:
         return Action.FULL
-    if (base_info.dtype, base_info.shape) != (ft_info.dtype, ft_info.shape):
+    if (base_info.dtype, tuple(base_info.shape)) != (ft_info.dtype, tuple(ft_info.shape)):
         return Action.REPLACED
-    if method.wants_tensor(ft_info.name, ft_info.dtype, ft_info.shape):
-        return Action.LOSSY
     return Action.DENSE
 
 
@@ -189,6 +192,7 @@ def _lossy(session: Session, job: Job, ft: np.ndarray, base: np.ndarray):
     """A tensor the method wants: its hook takes both tensors whole."""
     if PIN_BEFORE_NUMERICS:
         compute.pin_one_thread()
+    compute.pin_if_asked()  # a pool thread of this process
     sha = tensor_sha256(base)
     lossy = session.method.encode_tensor(job.name, ft, base, job.dtype, job.plan)
     if lossy is not None:
@@ -208,6 +212,7 @@ def measure_tensor(session: Session, job: Job) -> Measured:
     started = time.perf_counter()
     if PIN_BEFORE_NUMERICS:
         compute.pin_one_thread()
+    compute.pin_if_asked()  # a pool thread of this process
     with compute.on_device(session.device):
         if job.arrays is not None:
             ft, base = job.arrays

@@ -62,9 +62,10 @@ class ThreadExecutor(InlineExecutor):
 
     def start(self, session) -> None:
         self.session = session
-        # Each thread pins itself: OpenMP's thread count is per thread (compute.pin_one_thread).
+        # Each thread pins itself before its first numerics: OpenMP's thread count is per thread
+        # (compute.pin_one_thread).
         self._pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="dcm-encode",
-                                           initializer=compute.pin_one_thread)
+                                           initializer=compute.pin_later)
 
     def submit(self, fn, job) -> cf.Future:
         return self._pool.submit(fn, self.session, job)

@@ -1,4 +1,4 @@
-"""``dcm.open``: a lazy, memory-mapped reader of .dcm files (no torch needed).
+"""``dcm.open``: a lazy reader of .dcm files (no torch needed).
 
 Opening checks everything that can be checked without touching payloads:
 header, index CRC, schema, limits, layout, each record's kind and sizes, and
@@ -19,7 +19,7 @@ import numpy as np
 from . import blobs, dtypes, records
 from .constants import KIND_NAMES, Kind
 from .checkpoint import INDEX_FILE, check_relpath
-from .container import MappedFile, check_header_crc, check_layout
+from .container import ContainerFile, check_header_crc, check_layout
 from .errors import ChecksumError, FormatError, UsageError, WrongBaseError
 from .index import check_index, packed_len, unpack_index
 
@@ -100,6 +100,10 @@ def check_base_tensor(rec: Record, base: np.ndarray, base_dtype: str | None = No
     """Raise WrongBaseError unless ``base`` is the tensor ``rec`` was encoded against."""
     if rec.base is None:
         return
+    width = dtypes.dtype(rec.base["dtype"]).itemsize
+    if base_dtype is None and base.dtype.itemsize != width:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} is a {base.dtype} array in the base, "
+                             f"the file expects {rec.base['dtype']} ({width}-byte elements)")
     check_base_shape(rec, base.shape, base.dtype.itemsize, base_dtype)
     check_base_digest(rec, tensor_sha256(base))
 
@@ -108,10 +112,15 @@ def check_base_shape(rec: Record, shape, itemsize: int, base_dtype: str | None =
     """The cheap part of check_base_tensor: dtype (when known), shape and element width."""
     ref = rec.base
     if base_dtype is not None and base_dtype != ref["dtype"]:
-        raise WrongBaseError(f"wrong base: tensor {rec.name!r} is {base_dtype}, the file expects {ref['dtype']}")
-    if tuple(shape) != tuple(ref["shape"]) or itemsize != dtypes.dtype(ref["dtype"]).itemsize:
-        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has shape {list(shape)}, "
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} is {base_dtype} in the base, "
+                             f"the file expects {ref['dtype']}")
+    if tuple(shape) != tuple(ref["shape"]):
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has shape {list(shape)} in the base, "
                              f"the file expects {list(ref['shape'])}")
+    width = dtypes.dtype(ref["dtype"]).itemsize
+    if itemsize != width:
+        raise WrongBaseError(f"wrong base: tensor {rec.name!r} has {itemsize}-byte elements in the base, "
+                             f"the file expects {ref['dtype']} ({width}-byte elements)")
 
 
 def check_base_digest(rec: Record, sha256: bytes) -> None:
@@ -120,12 +129,18 @@ def check_base_digest(rec: Record, sha256: bytes) -> None:
         raise WrongBaseError(f"wrong base: tensor {rec.name!r} differs from the base the file was encoded against")
 
 
+def _check_array(name: str, base) -> None:
+    if base is not None and not isinstance(base, np.ndarray):
+        raise UsageError(f"tensor {name!r}: the base must be a numpy array of the base tensor's storage "
+                         f"dtype (as Checkpoint.read gives), got {type(base).__name__}")
+
+
 class DcmFile:
     """An open .dcm file.  Use ``dcm.open(path)``, preferably as a context manager."""
 
     def __init__(self, path):
         with naming(path):
-            self._file = MappedFile(path)
+            self._file = ContainerFile(path)
             try:
                 self._load()
             except BaseException:
@@ -210,13 +225,12 @@ class DcmFile:
     def _raw_blob(self, rec: Record, j: int, blob: dict) -> bytes:
         with naming(self.path):
             raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
-        out = bytes(raw)  # a raw-encoded blob is a view of the map: copy it before releasing
-        self._file.release(blob)
-        return out
+        return bytes(raw)  # a raw-encoded blob may be a view: the caller gets bytes of its own
 
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
         """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""
         rec = self.record(name)
+        _check_array(name, base)
         if check_base and base is not None and records.KINDS[rec.kind].needs_base:
             check_base_tensor(rec, base)
         return self.tensor_from(name, base)  # refuses a missing base
@@ -255,6 +269,7 @@ class DcmFile:
             raise UsageError(f"tensor {name!r}: no float delta for a {rec.kind_name} {rec.dtype} record")
         if base is None:
             raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor for a delta")
+        _check_array(name, base)
         ft = self.tensor(name, base)  # checks the base of a dense-delta record (WrongBaseError)
         if tuple(base.shape) != rec.shape:  # a full record may replace a base of another shape
             raise UsageError(f"tensor {name!r}: base shape {list(base.shape)} differs from the "
@@ -265,7 +280,7 @@ class DcmFile:
     def padding_is_zero(self) -> bool:
         return self._file.padding_is_zero(self.index)
 
-    def stored(self, blob: dict) -> memoryview:
+    def stored(self, blob: dict) -> bytes:
         return self._file.stored(blob)
 
     def close(self):

@@ -133,19 +133,38 @@ class RecordKind:
         raise NotImplementedError
 
 
-def _check_params(rec, where, allowed: dict):
-    """``allowed`` maps each required param to its set of legal values."""
-    params = rec["params"]
+def _check_params(rec, where, registry: dict, quantities: dict | None = None):
+    """The params of spec 10.1: exactly the listed keys, each an int, checked in order.
+
+    ``registry`` maps each param whose value is a registry number to the numbers
+    the kind accepts (another is UnknownKindError: a later version may define it);
+    ``quantities`` maps each param that is a quantity to its range (a value outside
+    is PayloadError: no version can make it valid).  Registry params come first in
+    every kind's table.
+    """
+    params, quantities = rec["params"], quantities or {}
     for key in params:
-        if key not in allowed:
+        if key not in registry and key not in quantities:
             raise IndexSchemaError(f"index: {where}.params: unknown key {key!r}")
-    for key, legal in allowed.items():
+    for key in (*registry, *quantities):
         if key not in params:
             raise IndexSchemaError(f"index: {where}.params: missing required key {key!r}")
+    for key, legal in (*registry.items(), *quantities.items()):
         if type(params[key]) is not int:
             raise IndexSchemaError(f"index: {where}.params.{key}: expected an integer")
         if params[key] not in legal:
-            raise UnknownKindError(f"{where}.params.{key}: unknown value {params[key]}")
+            error = UnknownKindError if key in registry else PayloadError
+            raise error(f"{where}.params.{key}: {'unknown' if key in registry else 'out-of-range'} "
+                        f"value {params[key]}")
+
+
+def _check_same_base(rec, where, kind_name: str):
+    """The base reference a kind requires, with the record's dtype and shape."""
+    base = rec.get("base")
+    if base is None:
+        raise IndexSchemaError(f"index: {where}: a {kind_name} record needs a base reference")
+    if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
+        raise PayloadError(f"{where}: {kind_name} base reference and record must share dtype and shape")
 
 
 def _check_dense_blobs(rec, where, layout: int):
@@ -205,13 +224,9 @@ class DenseDelta(RecordKind):
         raws = to_layout(codes, count, width, layout)
         return {"transform": int(Transform.SUB_ZIGZAG), "layout": int(layout)}, raws
 
-    def validate(self, rec, where):
+    def validate(self, rec, where):  # spec 10.1 step 5: base reference, params, blobs
+        _check_same_base(rec, where, self.name)
         _check_params(rec, where, {"transform": {Transform.SUB_ZIGZAG}, "layout": set(Layout)})
-        base = rec.get("base")
-        if base is None:
-            raise IndexSchemaError(f"index: {where}: a dense-delta record needs a base reference")
-        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
-            raise PayloadError(f"{where}: dense-delta base and fine-tune must share dtype and shape")
         _check_dense_blobs(rec, where, rec["params"]["layout"])
 
     def decode(self, rec, raws, base):
@@ -248,15 +263,11 @@ class Removed(RecordKind):
 
     number = Kind.REMOVED
 
-    def validate(self, rec, where):
+    def validate(self, rec, where):  # spec 10.1 step 5: base reference, params, blobs
+        _check_same_base(rec, where, self.name)
         _check_params(rec, where, {})
         if rec["blobs"]:
             raise PayloadError(f"{where}: a removed record has no blobs")
-        base = rec.get("base")
-        if base is None:
-            raise IndexSchemaError(f"index: {where}: a removed record needs a base reference")
-        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
-            raise PayloadError(f"{where}: a removed record repeats its base tensor's dtype and shape")
 
     def decode(self, rec, raws, base):
         return None
@@ -269,16 +280,16 @@ class AdditiveKind(RecordKind):
     two_dimensional = True
 
     def _check_record(self, rec, where):
-        """Dtype, shape and base reference: what every additive kind requires (spec 10.7)."""
+        """Dtype, shape and base reference: what every additive kind requires (spec 10.1 step 5)."""
         if rec["dtype"] not in lowrank.DTYPES or (self.two_dimensional and len(rec["shape"]) != 2):
             what = "2-D matrix" if self.two_dimensional else "tensor"
             raise PayloadError(f"{where}: a {self.name} record is a {what} of "
                                f"{'/'.join(lowrank.DTYPES)}, not {rec['dtype']}{list(rec['shape'])}")
-        base = rec.get("base")
-        if base is None:
-            raise IndexSchemaError(f"index: {where}: a {self.name} record needs a base reference")
-        if base["dtype"] != rec["dtype"] or tuple(base["shape"]) != tuple(rec["shape"]):
-            raise PayloadError(f"{where}: {self.name} base and fine-tune must share dtype and shape")
+        self._check_shape(rec, where)
+        _check_same_base(rec, where, self.name)
+
+    def _check_shape(self, rec, where) -> None:
+        """Limits a kind puts on the shape beyond its dimensions (none by default)."""
 
     @staticmethod
     def _check_lengths(rec, where, expected: list, low=None):
@@ -341,6 +352,11 @@ class SparseLowrank(AdditiveKind):
     """W_base + Û·diag(S)·V̂ᵀ with sparse singular vectors (ImPart; ``sparse_lowrank.py``)."""
 
     number = Kind.SPARSE_LOWRANK
+
+    def _check_shape(self, rec, where):
+        if max(rec["shape"]) > masks.MAX_VECTOR_LENGTH:  # vector elements j must fit the counter's 32 bits
+            raise LimitError(f"{where}: vectors of {max(rec['shape'])} elements exceed the limit "
+                             f"{masks.MAX_VECTOR_LENGTH}")
 
     def validate(self, rec, where):
         self._check_record(rec, where)
@@ -411,8 +427,8 @@ class Sparse(AdditiveKind):
     def validate(self, rec, where):
         self._check_record(rec, where)
         params = rec["params"]
-        _check_params(rec, where, {"packing": {Packing.LSB_FIRST}, "mask": set(MaskEncoding),
-                                   "seed": range(2**64), "drop": range(masks.DROP_ALL + 1)})
+        _check_params(rec, where, {"packing": {Packing.LSB_FIRST}, "mask": set(MaskEncoding)},
+                      {"seed": range(2**64), "drop": range(masks.DROP_ALL + 1)})
         if params["mask"] == MaskEncoding.BITMASK and (params["seed"] or params["drop"]):
             raise PayloadError(f"{where}: a sparse record with a bitmask has seed 0 and drop 0")
         count = element_count(rec["shape"], where)

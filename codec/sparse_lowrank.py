@@ -29,7 +29,7 @@ import numpy as np
 
 from . import bitpack, masks, quant, sections
 from .constants import MaskEncoding, Packing
-from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
+from .errors import IndexSchemaError, PayloadError, UnknownKindError
 from .lowrank import BitGroup, parse_group_list
 
 FLOAT_BITS = 16  # a bit group of float16 values rather than codes
@@ -50,18 +50,17 @@ def parse_params(params: dict, shape, where: str) -> tuple[int, int, list[BitGro
     """(mask encoding, seed, bit groups) of a record's params, checked against its shape."""
     if set(params) != {"packing", "mask", "seed", "groups"}:
         raise IndexSchemaError(f"index: {where}.params: expected exactly the keys 'packing', 'mask', 'seed', 'groups'")
-    for key in ("packing", "mask", "seed"):
+    # Spec 10.1: each param in the order of the kind's table, its type before its value.
+    for key, legal in (("packing", {Packing.LSB_FIRST}), ("mask", set(MaskEncoding))):
         if type(params[key]) is not int:
             raise IndexSchemaError(f"index: {where}.params.{key}: expected an integer")
-    if params["packing"] != Packing.LSB_FIRST:
-        raise UnknownKindError(f"{where}.params.packing: unknown value {params['packing']}")
-    if params["mask"] not in set(MaskEncoding):
-        raise UnknownKindError(f"{where}.params.mask: unknown value {params['mask']}")
+        if params[key] not in legal:  # a registry number: a later version may define it
+            raise UnknownKindError(f"{where}.params.{key}: unknown value {params[key]}")
+    if type(params["seed"]) is not int:
+        raise IndexSchemaError(f"index: {where}.params.seed: expected an integer")
     if not 0 <= params["seed"] < 2**64 or (params["mask"] == MaskEncoding.BITMASK and params["seed"] != 0):
         raise PayloadError(f"{where}.params.seed: {params['seed']} must be in [0, 2^64), and 0 with a bitmask")
     groups = parse_group_list(params["groups"], shape, where, float_bits=FLOAT_BITS)
-    if max(shape) > masks.MAX_VECTOR_LENGTH:
-        raise LimitError(f"{where}: vectors of {max(shape)} elements exceed the limit {masks.MAX_VECTOR_LENGTH}")
     return params["mask"], params["seed"], groups
 
 

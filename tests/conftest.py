@@ -3,7 +3,8 @@
 Tensors are given as ``{name: (dtype name, storage array)}``, the storage array
 being what :mod:`dcm.checkpoint` reads back (BF16 as uint16 bit patterns, BOOL
 as uint8...).  Plain helpers are importable from test modules with
-``from conftest import ...``.
+``from conftest import ...``.  The skip policy's hooks (``skip_policy.py``: a skip
+for a reason not on its allow-list fails the run) are imported here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 
 from dcm import dtypes
 from dcm.checkpoint import Checkpoint, CheckpointWriter, TensorInfo
+from skip_policy import (pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish,  # noqa: F401
+                         pytest_terminal_summary)
 
 Tensors = dict  # name -> (dtype name, storage array)
 

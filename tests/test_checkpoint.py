@@ -21,7 +21,8 @@ from dcm.checkpoint import (
     TensorStream,
     check_relpath,
 )
-from dcm.errors import CheckpointError, FormatError, OutputExistsError, UsageError
+from dcm.errors import CheckpointError, FormatError, OutputExistsError, UnsafeOutputError, UsageError
+from dcm.outputs import MARKER
 from dcm.reader import tensor_sha256
 
 RNG = np.random.default_rng(0)
@@ -62,7 +63,7 @@ def test_roundtrip_single_file(tmp_path):
     tensors = sample_tensors()
     out = tmp_path / "model"
     write_all(out, tensors, metadata={"who": "test"})
-    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == [MARKER, "model.safetensors"]
     with Checkpoint(out) as ck:
         assert ck.names() == list(tensors)
         assert len(ck) == len(tensors) and "w.f32" in ck and "nope" not in ck
@@ -220,13 +221,18 @@ def test_existing_output(tmp_path):
     (out / "old.txt").write_text("old")
     with pytest.raises(OutputExistsError):
         CheckpointWriter(out, infos_of(tensors))
+    with pytest.raises(UnsafeOutputError, match="did not write"):  # not a directory dcm wrote
+        CheckpointWriter(out, infos_of(tensors), overwrite=True)
+    (out / "old.txt").unlink()
+    out.rmdir()
+    write_all(out, tensors)
     write_all(out, tensors, overwrite=True)
-    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == [MARKER, "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["m"]  # old copy removed too
     empty = tmp_path / "e"
     empty.mkdir()
     write_all(empty, tensors)
-    assert os.listdir(empty) == ["model.safetensors"]
+    assert sorted(os.listdir(empty)) == [MARKER, "model.safetensors"]
 
 
 def test_write_attachments(tmp_path):
@@ -273,6 +279,7 @@ def test_attachments_listing(tmp_path):
 def test_hub_cache_links_are_followed(tmp_path):
     repo = tmp_path / "models--x"
     snap = repo / "snapshots" / "abc"
+    snap.parent.mkdir(parents=True)
     write_all(snap, {"x": ("U8", np.zeros(2, np.uint8))})
     (repo / "blobs").mkdir()
     (repo / "blobs" / "123").write_text("{}")

@@ -221,7 +221,12 @@ def test_output_exists_exit_2(encoded, pair, capsys, tmp_path):
     code, _, err = run(capsys, "decode", out, "--base", base_dir, "-o", target)
     assert code == 2 and "exists" in err
     assert (target / "keep.txt").read_text() == "x"
-    assert run(capsys, "-q", "decode", out, "--base", base_dir, "-o", target, "--overwrite")[0] == 0
+    # --overwrite replaces only a directory dcm wrote (test_safety.py has the cases)
+    code, _, err = run(capsys, "decode", out, "--base", base_dir, "-o", target, "--overwrite")
+    assert code == 2 and "did not write" in err and (target / "keep.txt").read_text() == "x"
+    decoded = tmp_path / "decoded"
+    assert run(capsys, "-q", "decode", out, "--base", base_dir, "-o", decoded)[0] == 0
+    assert run(capsys, "-q", "decode", out, "--base", base_dir, "-o", decoded, "--overwrite")[0] == 0
 
 
 def test_ratio_with_lossless_exit_2(pair, capsys, tmp_path):
@@ -248,11 +253,13 @@ def test_missing_paths_exit_3(tmp_path, pair, capsys):
     base_dir, ft_dir, *_ = pair
     missing = tmp_path / "nope.dcm"
     for argv in (["info", missing], ["verify", missing], ["decode", missing, "--base", base_dir, "-o", tmp_path / "o"],
-                 ["encode", tmp_path / "nobase", ft_dir, "-o", tmp_path / "n.dcm"],
-                 ["encode", base_dir, ft_dir, "-o", tmp_path / "no" / "such" / "dir.dcm"]):
+                 ["encode", tmp_path / "nobase", ft_dir, "-o", tmp_path / "n.dcm"]):
         code, _, err = run(capsys, *argv)
         assert code == 3, (argv, err)
         assert err.startswith("dcm: error: ") and "Traceback" not in err
+    # A missing output folder is an output-side error (6), the same for encode and decode (test_safety.py)
+    code, _, err = run(capsys, "encode", base_dir, ft_dir, "-o", tmp_path / "no" / "such" / "dir.dcm")
+    assert code == 6 and "does not exist" in err
 
 
 def test_directory_as_dcm_exit_3(tmp_path, capsys):

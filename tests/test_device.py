@@ -16,7 +16,7 @@ from dcm.methods import accel, gptq
 
 torch = pytest.importorskip("torch")
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (run scripts/gpu_check.sh on a GPU machine)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device here (scripts/gpu_check.sh runs these on a GPU machine)")
 
 
 def _x(rng, rows, n):

@@ -3,7 +3,10 @@
 Every record kind the runtime serves, every bit width 1..8, float16 groups,
 GEMV (1–4 tokens) and tl.dot (more) paths, both tile configurations, several
 deltas in one batch, and the modules that patch a torch model.  The reference
-is the codec's own decoder: Δ̂ from the record, in float64, y = x·Δ̂ᵀ.
+is independent of the codec's decoder (``spec_oracle.py``): Δ̂ dequantized
+from the spec's formulas with numpy, or by the reference decoder
+``spec/reference/dcmref.py``, in float64, y = x·Δ̂ᵀ; patched models are
+compared with models rebuilt by both the codec and the reference decoder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dcm.runtime import torch_backend, triton_backend  # noqa: E402
 from dcm.runtime.triton_backend import GPU_BLOCKS, INTERPRETER_BLOCKS  # noqa: E402
 
 from conftest import write_checkpoint  # noqa: E402
+import spec_oracle  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("DCM_TEST_GPU") == "1" else "cpu"
 TOKENS = (1, 3, 20)  # GEMV of 1 row, GEMV of 4 rows (one masked), tl.dot tiles of 16 (one partial)
@@ -76,7 +80,17 @@ def mixed_blob(rng, shape, groups):
                                              g.bits, g.group_size)
             pair.append(Factor(codes, scales, zeros))
         factors.append(tuple(pair))
-    return lowrank.pack_blob(shape, groups, s, factors), lowrank.delta(shape, groups, s, factors)
+    blob = lowrank.pack_blob(shape, groups, s, factors)
+    return blob, spec_oracle.mixed_delta(shape, groups, blob)  # Δ̂ from the blob by the spec, not the codec
+
+
+def test_the_oracle_reads_the_spec_example():
+    """spec 10.7's worked example: 25 bytes, Δ̂ = [[0.5, −0.5, 3.5], [−0.5, 0.5, −3.5]]."""
+    blob = bytes.fromhex("00000040" "cd01" "0000" "00300034" "03" "000000" "16" "000000" "0038" "0000" "04")
+    np.testing.assert_array_equal(spec_oracle.mixed_delta((2, 3), [(0, 1, 3, 2)], blob),
+                                  [[0.5, -0.5, 3.5], [-0.5, 0.5, -3.5]])
+    spec = (Path(__file__).resolve().parent.parent / "spec" / "dcm-format.md").read_text(encoding="utf-8")
+    assert "cd 01" in spec and "00 30 00 34" in spec  # the bytes above are the spec's
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -98,6 +112,80 @@ def test_lowrank_mixed_recipe_groups_and_rank_one(rng):
     blob, delta = mixed_blob(rng, (17, 9), groups)
     check_all_paths(LayerPack((17, 9), [packed.mixed_record((17, 9), groups, blob)], DEVICE),
                     delta.astype(np.float64), rng, "rank 1, group size 1")
+
+
+# --- the torch backend's lookup tables (1–4 tokens) and quantization groups off byte boundaries ------
+#
+# The lookup-table path needs every vector and every quantization group to start on a byte
+# (length·bits and group_size·bits multiples of 8).  Below: vectors that start on bytes with
+# groups that do not (a group's scale then changes inside a byte), which must take the
+# unpacking path, and groups on bytes with a shorter last group, which take the tables.
+
+UNALIGNED_GROUPS = [  # (bits, two group sizes, shape): m·bits and n·bits multiples of 8, group_size·bits not
+    (1, (3, 5), (24, 64)), (2, (6, 3), (44, 100)), (3, (12, 5), (40, 64)), (5, (7, 3), (48, 64)),
+    (6, (10, 3), (28, 36)), (7, (9, 4), (40, 64)),
+]
+ALIGNED_GROUPS = [  # group_size·bits a multiple of 8, and a last group shorter than the others
+    (2, 4, (36, 52)), (3, 24, (64, 40)), (4, 6, (50, 34)), (6, 4, (28, 44)), (8, 5, (23, 17)),
+]
+
+
+def few_token_paths(pack, reference, rng, what):
+    """Both backends at 1–4 tokens (the torch backend's lookup-table regime) against x·Δ̂ᵀ in float64."""
+    m, n = pack.shape
+    for tokens in range(1, torch_backend.LUT_MAX_TOKENS + 1):
+        x = torch.from_numpy(rng.standard_normal((tokens, n)).astype(np.float32)).to(DEVICE)
+        want = x.double().cpu().numpy() @ reference.T
+        seg = Segments.single(tokens, DEVICE)
+        assert_close(run("torch", pack, x, seg), want, f"{what}, torch, {tokens} tokens")
+        assert_close(run("triton", pack, x, seg, INTERPRETER_BLOCKS), want, f"{what}, triton, {tokens} tokens")
+
+
+class LutSpy:
+    """Counts the torch backend's lookup-table calls (shrink, expand)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"shrink_lut": 0, "expand_lut": 0}
+        for name in self.calls:
+            monkeypatch.setattr(torch_backend, name, self._wrap(name, getattr(torch_backend, name)))
+
+    def _wrap(self, name, fn):
+        def spy(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+        return spy
+
+
+@pytest.mark.parametrize("bits, sizes, shape", UNALIGNED_GROUPS)
+def test_few_tokens_with_groups_off_byte_boundaries(rng, monkeypatch, bits, sizes, shape):
+    groups = [BitGroup(0, 3, bits, sizes[0]), BitGroup(3, 7, bits, sizes[1])]
+    blob, delta = mixed_blob(rng, shape, groups)
+    spy = LutSpy(monkeypatch)
+    few_token_paths(LayerPack(shape, [packed.mixed_record(shape, groups, blob)], DEVICE), delta, rng,
+                    f"{bits}-bit, groups of {sizes}")
+    assert spy.calls == {"shrink_lut": 0, "expand_lut": 0}  # a group's scale changes inside a byte: no tables
+
+
+@pytest.mark.parametrize("bits, group_size, shape", ALIGNED_GROUPS)
+def test_few_tokens_through_lookup_tables(rng, monkeypatch, bits, group_size, shape):
+    groups = [BitGroup(0, 2, bits, group_size), BitGroup(2, 5, bits, 2 * group_size)]
+    blob, delta = mixed_blob(rng, shape, groups)
+    spy = LutSpy(monkeypatch)
+    few_token_paths(LayerPack(shape, [packed.mixed_record(shape, groups, blob)], DEVICE), delta, rng,
+                    f"{bits}-bit, groups of {group_size}")
+    assert spy.calls["shrink_lut"] > 0 and spy.calls["expand_lut"] > 0
+
+
+def test_few_tokens_mixing_table_and_unpacked_groups(rng, monkeypatch):
+    """One record whose bit groups go different ways: 8-bit (tables), 3-bit in groups of 12 (unpacked:
+    36 bits), 3-bit in groups of 8 (tables: 3 bytes), 2-bit in groups of 5 (unpacked)."""
+    shape = (48, 80)
+    groups = [BitGroup(0, 2, 8, 128), BitGroup(2, 6, 3, 12), BitGroup(6, 9, 3, 8), BitGroup(9, 15, 2, 5)]
+    blob, delta = mixed_blob(rng, shape, groups)
+    spy = LutSpy(monkeypatch)
+    few_token_paths(LayerPack(shape, [packed.mixed_record(shape, groups, blob)], DEVICE), delta, rng, "mixed")
+    tables = 2 * torch_backend.LUT_MAX_TOKENS  # the two byte-aligned groups, at each of 1..4 tokens
+    assert spy.calls == {"shrink_lut": tables, "expand_lut": tables}
 
 
 def test_kernels_read_the_files_bytes_unchanged(rng):
@@ -158,14 +246,17 @@ def encoded(tmp_path_factory):
 
 @pytest.mark.parametrize("label", list(METHODS))
 def test_every_kind_from_a_file(encoded, rng, label):
+    """Each kind against Δ̂ from the reference decoder (spec 19.2 factors), not the codec's."""
     _, _, files = encoded
+    oracle = spec_oracle.file_deltas(files[label])
     with dcm.open(files[label]) as f:
         kinds = set()
         for name in SHAPES:
             rec = f.record(name)
             kinds.add(rec.kind)
             pack = LayerPack(rec.shape, [load_record(f, name)], DEVICE)
-            check_all_paths(pack, f.stored_delta(name).astype(np.float64), rng, f"{label} {name}")
+            assert np.abs(oracle[name]).max() > 0, name  # a delta to check against, not zeros
+            check_all_paths(pack, oracle[name], rng, f"{label} {name}")
     assert kinds == {KIND_OF[label]}
 
 
@@ -199,7 +290,7 @@ def test_many_deltas_in_one_launch(encoded, rng, tokens_per_delta):
             continue
         with dcm.open(files[label]) as f:
             recs.append(load_record(f, name))
-            refs.append(f.stored_delta(name).astype(np.float64))
+        refs.append(spec_oracle.file_deltas(files[label])[name])
     pack = LayerPack(SHAPES[name], recs, DEVICE)
     ids = np.repeat(np.arange(len(labels)), tokens_per_delta)
     ids = ids[rng.permutation(ids.size)]
@@ -238,12 +329,21 @@ class TwoLayers(torch.nn.Module):
 def model_from(directory) -> TwoLayers:
     from conftest import read_checkpoint
 
+    return model_of({name: array for name, (_, array) in read_checkpoint(directory).items()})
+
+
+def model_of(tensors: dict) -> TwoLayers:
     model = TwoLayers()
-    tensors = read_checkpoint(directory)
     with torch.no_grad():
-        for name, (_, array) in tensors.items():
-            model.get_parameter(name).copy_(torch.from_numpy(array))
+        for name, array in tensors.items():
+            model.get_parameter(name).copy_(torch.from_numpy(np.asarray(array)))
     return model.eval()
+
+
+def reference_model(path, base_dir) -> TwoLayers:
+    """The fine-tune as the reference decoder rebuilds it from the file and the base (F32 tensors)."""
+    out = spec_oracle.dcmref.decode(str(path), base=str(base_dir / "model.safetensors"))
+    return model_of({name: np.frombuffer(t.data, dtype="<f4").reshape(t.shape).copy() for name, t in out.tensors.items()})
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -255,9 +355,10 @@ def test_patch_model_computes_the_decoded_checkpoint(encoded, tmp_path, rng, bac
     model = patch_model(model_from(base_dir), files[label], backend=backend)
     a = torch.from_numpy(rng.standard_normal((2, 3, 160)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal((5, 72)).astype(np.float32))
-    with torch.no_grad():
-        for got, want in zip(model(a, b), want_model(a, b)):
-            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+    with torch.no_grad():  # against the codec's decode and the reference decoder's
+        for want_model_ in (want_model, reference_model(files[label], base_dir)):
+            for got, want in zip(model(a, b), want_model_(a, b)):
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
     packed_kinds = label not in ("dare", "lossless")
     assert isinstance(model.layer.q, dcm.runtime.DeltaLinear) == packed_kinds
     if packed_kinds:  # the bias was decoded into the base layer
@@ -371,7 +472,7 @@ def test_runtime_benchmark_prints_its_table(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
     out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "128x256", "--tokens", "1,5",
-                          "--deltas", "1,2", "--repeats", "1", "--backends", "torch,triton",
+                          "--deltas", "1,2", "--repeats", "1", "--backends", "torch,triton", "--deq-dense-max-deltas", "1",
                           "--json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr
@@ -381,3 +482,25 @@ def test_runtime_benchmark_prints_its_table(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {(r["deltas"], r["tokens"]) for r in rows} == {(1, 1), (1, 5), (2, 1), (2, 5)}
     assert all(r["packed_triton_s"] > 0 and r["packed_bytes"] < r["dense_bytes"] for r in rows)
+    columns = ("base_s", "packed_torch_s", "packed_triton_s", "deq_fact_s", "dense_s")
+    assert all(r[c] > 0 for r in rows for c in columns) and {r["repeats"] for r in rows} == {1}
+    assert all((r.get("deq_dense_s", 0) > 0) == (r["deltas"] == 1) for r in rows)  # --deq-dense-max-deltas 1
+    assert "deq+fact / packed" in out.stdout
+
+
+def test_runtime_benchmark_times_every_column_alike():
+    """One warm-up call per column, then rounds that call every column once, in turn; medians."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
+    spec = importlib.util.spec_from_file_location("_dcm_runtime_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    columns = {name: (lambda name=name: calls.append(name)) for name in ("base", "packed_torch", "deq_fact", "dense")}
+    clock = iter(range(1, 10**6))
+    medians = bench.measure_columns(columns, 5, lambda fn: (fn(), next(clock))[1])
+    names = list(columns)
+    assert calls == names + names * 5  # warm-up, then 5 interleaved rounds
+    assert list(medians) == names and all(m > 0 for m in medians.values())
+    assert medians == {n: 4 + 4 * 2 + i + 1 for i, n in enumerate(names)}  # the 3rd of 5 timed calls each

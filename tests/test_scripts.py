@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -158,3 +159,38 @@ def test_encode_speed_runs_small(tmp_path):
         assert 0 < r["rel_error"] < 1 and r["rank"] > 0
     for r in rows[2::2]:
         assert abs(r["error_cost"]) < 0.05, r
+
+
+# --- set-up's import check -----------------------------------------------------------
+
+
+def test_setup_checks_every_required_import():
+    """scripts/check_imports.py covers every distribution of the extras setup.sh installs, and runs last."""
+    import re
+    import tomllib
+
+    setup = (ROOT / "scripts/setup.sh").read_text()
+    assert setup.rstrip().endswith('"$PYTHON" scripts/check_imports.py')
+    extras = re.search(r'-e "\.\[([a-z,]+)\]"', setup).group(1).split(",")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    distributions = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("-", "_") for r in requirements}
+    checker = _load("scripts/check_imports.py")
+    assert distributions <= set(checker.REQUIRED), distributions - set(checker.REQUIRED)
+    assert {"dcm", "dcm.runtime", "torch", "triton", "transformers"} <= set(checker.REQUIRED)
+
+
+def test_check_imports_fails_when_a_module_does_not_import(tmp_path):
+    """A triton that is installed but broken (here: shadowed by one that raises) fails set-up, named."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('simulated: libtriton.so missing')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/check_imports.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot import triton (ImportError: simulated: libtriton.so missing)" in proc.stderr
+    assert "cannot import dcm.runtime.triton_backend" in proc.stderr
+    ok = subprocess.run([sys.executable, str(ROOT / "scripts/check_imports.py")], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0 and "setup: ok" in ok.stdout, ok.stderr

@@ -217,7 +217,8 @@ def registry_name(member) -> str:
 
 
 @pytest.mark.parametrize("enum", [constants.Kind, constants.Encoding, constants.Transform,
-                                  constants.Layout, constants.Packing])
+                                  constants.Layout, constants.Packing, constants.MaskEncoding,
+                                  constants.SignScales])
 def test_registry_tables(enum):
     rows = registry_table(enum.__name__)
     in_spec = {(int(r[0]), r[1]) for r in rows}
@@ -239,21 +240,26 @@ def test_dtype_table():
                                 f"only in the code {sorted(in_code.items() - in_spec.items())}")
 
 
-def _spec_errors():
-    families = (errors.FormatError, errors.ChecksumError, errors.WrongBaseError)
-    return [cls for _, cls in inspect.getmembers(errors, inspect.isclass)
-            if issubclass(cls, families)]
-
-
 def test_error_table():
-    rows = {r[0]: r for r in registry_table("errors")}
-    for cls in _spec_errors():
-        assert cls.__name__ in rows, f"{cls.__name__} is missing from the spec's error table"
-        _, parent, exit_code = rows[cls.__name__][:3]
-        assert parent == cls.__mro__[1].__name__, cls.__name__
-        assert int(exit_code) == cls.exit_code, cls.__name__
-    for name in rows:
-        assert isinstance(getattr(errors, name, None), type), f"spec names unknown error {name}"
+    """Spec section 15's registry of error codes is ``dcm.errors.ERROR_CODES``, row for row."""
+    rows = registry_table("errors")
+    in_spec = {code: (int(number), parent, int(exit_code), cls) for code, number, parent, exit_code, cls, _ in rows}
+    in_code = {code: (number, "—" if cls is errors.DcmError else cls.__mro__[1].code, cls.exit_code, cls.__name__)
+               for code, (number, cls) in errors.ERROR_CODES.items()}
+    assert in_spec == in_code, (f"only in the spec {sorted(in_spec.items() - in_code.items())}, "
+                                f"only in dcm.errors {sorted(in_code.items() - in_spec.items())}")
+    numbers = [number for number, _ in errors.ERROR_CODES.values()]
+    assert len(set(numbers)) == len(numbers), "error numbers must be unique"
+    for code, (number, cls) in errors.ERROR_CODES.items():
+        assert re.fullmatch(r"E_[A-Z_]+", code), code
+        assert (cls.code, cls.code_number) == (code, number), cls
+
+
+def test_every_error_class_has_its_own_code():
+    """A DcmError subclass added to dcm.errors needs a row in ERROR_CODES and in the spec's table."""
+    classes = {cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.DcmError)}
+    registered = {cls for _, cls in errors.ERROR_CODES.values()}
+    assert classes == registered, (f"add to ERROR_CODES and to spec section 15: {sorted(c.__name__ for c in classes - registered)}")
 
 
 def test_exit_code_table():

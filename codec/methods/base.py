@@ -24,7 +24,6 @@ DEFAULT_ZSTD_LEVEL = 3  # packed codes, masks, attachments
 # faster than level 3 (a 7B-shaped bf16 pair: 6 % smaller, 213 against 128 MB/s of fine-tune per core).
 DEFAULT_PLANE_ZSTD_LEVEL = 1
 
-
 def parse_ratio(text) -> Fraction:
     """``1/16``, ``0.0625`` or a Fraction -> a ratio in (0, 1]."""
     try:
@@ -36,12 +35,23 @@ def parse_ratio(text) -> Fraction:
     return ratio
 
 
+def str_list(value, what: str) -> list[str]:
+    """A list parameter given as one string or a list of strings ('*query*' is one pattern, not 8)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UsageError(f"{what} must be a string or a list of strings, got {value!r:.80}")
+
+
 class Selection:
     """Which tensors a lossy method applies to: 2-D float tensors, narrowed by globs."""
 
     def __init__(self, include=None, exclude=None):
-        self.include = list(include or [])
-        self.exclude = list(exclude or [])
+        self.include = str_list(include, "include")
+        self.exclude = str_list(exclude, "exclude")
 
     def selects(self, name: str, dtype_name: str, shape) -> bool:
         if len(shape) != 2 or not dtypes.dtype(dtype_name).is_float:
@@ -87,7 +97,10 @@ class Method:
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None):
         if ratio is not None and not self.takes_ratio:
-            raise UsageError(f"method {self.name!r} takes no ratio")
+            raise UsageError(f"--ratio applies to lossy methods; {self.name} takes no ratio")
+        if (include or exclude) and not self.codes_tensors():
+            raise UsageError(f"--include and --exclude apply to lossy methods; {self.name} stores every "
+                             f"tensor exactly")
         if zstd_level is not None and (not isinstance(zstd_level, int) or not 1 <= zstd_level <= 22):
             raise UsageError(f"zstd level must be an integer in 1..22, got {zstd_level!r}")
         self.ratio = None if ratio is None else parse_ratio(ratio)
@@ -129,6 +142,11 @@ class Method:
     def encode_tensor(self, name, ft, base, dtype_name, plan: TensorPlan | None = None):
         return None
 
+    @classmethod
+    def codes_tensors(cls) -> bool:
+        """Whether the method codes tensors itself (a lossy method), rather than storing all exactly."""
+        return cls.encode_tensor is not Method.encode_tensor
+
     def wants_tensor(self, name: str, dtype_name: str, shape) -> bool:
         """Whether the encoder should hand this tensor to ``encode_tensor``.
 
@@ -136,8 +154,7 @@ class Method:
         whole for it; a method that keeps the default hook (lossless) wants none,
         and every tensor is streamed in chunks instead.
         """
-        has_hook = type(self).encode_tensor is not Method.encode_tensor
-        return has_hook and self.selection.selects(name, dtype_name, shape)
+        return self.codes_tensors() and self.selection.selects(name, dtype_name, shape)
 
 
 class Lossless(Method):

@@ -175,6 +175,8 @@ class DeltaCoMe(Method):
             raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
         self.alloc, self.svd, self.group_size = alloc, svd, group_size
         self.recipe = parse_recipe(recipe)
+        if isinstance(widths, str):  # "2,3,4,8" as well as (2, 3, 4, 8)
+            widths = [w for w in widths.replace(",", " ").split()]
         self.widths = tuple(sorted({int(w) for w in widths}))
         if not self.widths or not all(1 <= w <= 8 for w in self.widths):
             raise UsageError(f"widths must be bit widths in 1..8, got {widths!r}")

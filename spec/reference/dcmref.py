@@ -24,83 +24,86 @@ __all__ = ["decode", "Decoded", "TensorResult", "DcmRefError"]
 
 
 # ---------------------------------------------------------------- §15 errors
+#
+# One class per error of §15, named as there; `code` and `number` are the
+# language-neutral code of the error registry, which conformance compares.
 
 class DcmRefError(Exception):
     """The spec's DcmError: base of every error below (exit code 1)."""
-    exit_code = 1
-
-
-class FormatError(DcmRefError):
-    exit_code = 3
-
-
-class BadMagicError(FormatError):
-    pass
-
-
-class UnsupportedVersionError(FormatError):
-    pass
-
-
-class UnknownFlagError(FormatError):
-    pass
-
-
-class TruncatedError(FormatError):
-    pass
-
-
-class TrailingDataError(FormatError):
-    pass
-
-
-class LayoutError(FormatError):
-    pass
-
-
-class IndexSchemaError(FormatError):
-    pass
-
-
-class DuplicateKeyError(IndexSchemaError):
-    pass
-
-
-class LimitError(FormatError):
-    pass
-
-
-class UnknownKindError(FormatError):
-    pass
-
-
-class PayloadError(FormatError):
-    pass
-
-
-class ChecksumError(DcmRefError):
-    exit_code = 4
-
-
-class HeaderChecksumError(ChecksumError):
-    pass
-
-
-class PayloadChecksumError(ChecksumError):
-    pass
-
-
-class WrongBaseError(DcmRefError):
-    exit_code = 5
+    code, number, exit_code = "E_DCM", 1, 1
 
 
 class UsageError(DcmRefError):
-    exit_code = 2
+    code, number, exit_code = "E_USAGE", 2, 2
 
 
 class CheckpointError(DcmRefError):
     """§15: an input safetensors checkpoint (the base) is unusable."""
-    exit_code = 3
+    code, number, exit_code = "E_CHECKPOINT", 4, 3
+
+
+class FormatError(DcmRefError):
+    code, number, exit_code = "E_FORMAT", 10, 3
+
+
+class BadMagicError(FormatError):
+    code, number = "E_BAD_MAGIC", 11
+
+
+class UnsupportedVersionError(FormatError):
+    code, number = "E_UNSUPPORTED_VERSION", 12
+
+
+class UnknownFlagError(FormatError):
+    code, number = "E_UNKNOWN_FLAG", 13
+
+
+class TruncatedError(FormatError):
+    code, number = "E_TRUNCATED", 14
+
+
+class TrailingDataError(FormatError):
+    code, number = "E_TRAILING_DATA", 15
+
+
+class LayoutError(FormatError):
+    code, number = "E_LAYOUT", 16
+
+
+class IndexSchemaError(FormatError):
+    code, number = "E_INDEX_SCHEMA", 17
+
+
+class DuplicateKeyError(IndexSchemaError):
+    code, number = "E_DUPLICATE_KEY", 18
+
+
+class LimitError(FormatError):
+    code, number = "E_LIMIT", 19
+
+
+class UnknownKindError(FormatError):
+    code, number = "E_UNKNOWN_KIND", 20
+
+
+class PayloadError(FormatError):
+    code, number = "E_PAYLOAD", 21
+
+
+class ChecksumError(DcmRefError):
+    code, number, exit_code = "E_CHECKSUM", 30, 4
+
+
+class HeaderChecksumError(ChecksumError):
+    code, number = "E_HEADER_CHECKSUM", 31
+
+
+class PayloadChecksumError(ChecksumError):
+    code, number = "E_PAYLOAD_CHECKSUM", 32
+
+
+class WrongBaseError(DcmRefError):
+    code, number, exit_code = "E_WRONG_BASE", 40, 5
 
 
 # ------------------------------------------------------ constants (§3, §14)
@@ -678,6 +681,7 @@ def check_params(r, table):
 
 
 def int_in(r, key, allowed):
+    """A registry number (§10.1): one the kind does not accept is UnknownKindError."""
     def check(v):
         if not _is_int(v):
             raise IndexSchemaError(f"{r.what}: param {key!r} is not an int")
@@ -687,11 +691,12 @@ def int_in(r, key, allowed):
 
 
 def int_range(r, key, lo, hi):
+    """A quantity (§10.1): a value outside [lo, hi] is PayloadError."""
     def check(v):
         if not _is_int(v):
             raise IndexSchemaError(f"{r.what}: param {key!r} is not an int")
         if not lo <= v <= hi:
-            raise UnknownKindError(f"{r.what}: param {key} = {v} not allowed")
+            raise PayloadError(f"{r.what}: param {key} = {v} out of range")
     return check
 
 
@@ -720,10 +725,10 @@ def check_dense_blobs(r):
 
 
 def open_dense_delta(r):
-    """§10.4 (order of §10.1 step 5: params, base, blobs)."""
+    """§10.4 (order of §10.1 step 5: base reference, params, blobs)."""
+    need_base_equal(r)
     check_params(r, [("transform", int_in(r, "transform", (SUB_ZIGZAG,))),
                      ("layout", int_in(r, "layout", (PLAIN, BYTE_PLANES)))])
-    need_base_equal(r)
     check_dense_blobs(r)
 
 
@@ -734,9 +739,9 @@ def open_full(r):
 
 
 def open_removed(r):
-    """§10.6."""
-    check_params(r, [])
+    """§10.6 (base reference, params: the empty map, no blob)."""
     need_base_equal(r)
+    check_params(r, [])
     check_blob_count(r, 0)
 
 
@@ -820,13 +825,10 @@ def sl_sizes(k, m, n, mask, groups, cv, cu):
     return sizes
 
 
-def seed_check(r, out_of_range=UnknownKindError):
-    """§10.9 makes a negative seed a PayloadError; §10.12 leaves it to §10.1 (UnknownKindError)."""
+def seed_check(r):
+    """§10.1: `seed` is a quantity in [0, 2^64), 0 with mask 2 (PayloadError)."""
     def check(v):
-        if not _is_int(v):
-            raise IndexSchemaError(f"{r.what}: param 'seed' is not an int")
-        if not 0 <= v <= U64_MAX:
-            raise out_of_range(f"{r.what}: param seed = {v} not allowed")
+        int_range(r, "seed", 0, U64_MAX)(v)
         if r.params["mask"] == MASK_BITMASK and v != 0:
             raise PayloadError(f"{r.what}: seed must be 0 with mask 2")
     return check
@@ -841,7 +843,7 @@ def open_sparse_lowrank(r):
     r.params_ = {}
     check_params(r, [("packing", int_in(r, "packing", (LSB_FIRST,))),
                      ("mask", int_in(r, "mask", (MASK_HASH, MASK_BITMASK))),
-                     ("seed", seed_check(r, PayloadError)),
+                     ("seed", seed_check(r)),
                      ("groups", lambda v: r.params_.update(groups=check_groups(r, v, True)))])
     groups = r.params_["groups"]
     k = groups[-1][1] if groups else 0
@@ -874,15 +876,7 @@ def open_lowrank(r):
     check_matrix(r)
     need_base_equal(r)
     (m, n) = r.shape
-
-    def rank(v):
-        if not _is_int(v):
-            raise IndexSchemaError(f"{r.what}: param 'rank' is not an int")
-        if v < 0:  # §10.11: outside 0..min(m, n) is a PayloadError
-            raise PayloadError(f"{r.what}: negative rank")
-        if v > min(m, n):
-            raise PayloadError(f"{r.what}: rank {v} exceeds min(m, n)")
-    check_params(r, [("rank", rank)])
+    check_params(r, [("rank", int_range(r, "rank", 0, min(m, n)))])
     k = r.params["rank"]
     size = place_sections([4 * k, 2 * k * n, 2 * k * m])[1]
     check_lossy_blob(r, k, size, size)
@@ -1323,36 +1317,46 @@ class Decoded:
         self.attachments = {}
 
 
-def decode(path, base=None):
-    """Open, verify and (with `base`) decode a .dcm file; see README.md.
+MODES = ("reader", "verifier")  # §19.3
 
+
+def decode(path, base=None, mode="verifier"):
+    """Open, check and (with `base`) decode a .dcm file; see README.md.
+
+    `mode` is a procedure of §19.3: "reader" reads and checks every record and
+    attachment as a decoder does; "verifier" also checks the padding (§7).
     Errors about the file's content name the file first (§15, informative)."""
+    if mode not in MODES:
+        raise UsageError(f"mode {mode!r} is not one of {MODES}")
     try:
-        return _decode(path, base)
+        return _decode(path, base, mode == "verifier")
     except (FormatError, ChecksumError) as e:
         e.args = (f"{path}: {e}",)
         raise
 
 
-def _decode(path, base):
+def _decode(path, base, verifier):
     with open(path, "rb") as fh:
         data = fh.read()
     f = DcmFile(data)                                     # §16 steps 1-10
+    if verifier:
+        check_padding(data, f.header, f.d, f.blobs)       # §7, before any blob
     ck = BaseCheckpoint(base) if base is not None else None
     if ck is not None:
         check_base_names(f.records, ck)                   # step 14
-    raws = {id(b): f.read(b) for b in f.blobs}            # steps 11-13, blob order
-    check_padding(data, f.header, f.d, f.blobs)           # verifier, §7
     out = Decoded(f)
-    for r in f.records:                                   # step 16
-        reads_base = ck is not None and r.base is not None and r.kind != 3
-        base_raw = base_tensor(r, ck) if reads_base else None
-        payload = PAYLOADS[r.kind](r, [raws[id(b)] for b in r.blobs])
+    for r in f.records:                                   # step 16, record by record
+        if r.kind == 3:
+            out.tensors[r.name] = TensorResult(r, Payload(), None)
+            continue
+        reads_base = ck is not None and r.base is not None
+        base_raw = base_tensor(r, ck) if reads_base else None         # 16.1
+        payload = PAYLOADS[r.kind](r, [f.read(b) for b in r.blobs])   # 16.2, 16.3
         out.tensors[r.name] = TensorResult(r, payload, tensor_data(r, payload, base_raw))
     for r in f.records:                                   # step 17
         if ck is not None and r.kind == 3:
             base_tensor(r, ck)
-    out.attachments = {name: raws[id(b)] for name, b in f.attachments}   # step 18
+    out.attachments = {name: f.read(b) for name, b in f.attachments}  # step 18 (names: step 10)
     return out
 
 
@@ -1369,10 +1373,10 @@ def tensor_data(r, payload, base_raw):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        path, base = parse_args(argv)
-        result = decode(path, base)
+        path, base, mode = parse_args(argv)
+        result = decode(path, base, mode)
     except DcmRefError as e:
-        print(f"{type(e).__name__}: {e}")
+        print(f"{e.code} ({type(e).__name__}): {e}")
         return e.exit_code
     except OSError as e:
         print(f"UsageError: {e}")
@@ -1384,14 +1388,21 @@ def main(argv=None):
 
 
 def parse_args(argv):
-    usage = "usage: dcmref.py FILE [--base BASE.safetensors]"
-    if argv[1:2] == ["--base"] and len(argv) == 3:
-        return argv[0], argv[2]
-    if argv[:1] == ["--base"] and len(argv) == 3:
-        return argv[2], argv[1]
-    if len(argv) == 1 and not argv[0].startswith("-"):
-        return argv[0], None
-    raise UsageError(usage)
+    """FILE [--base BASE.safetensors] [--reader]: (path, base, mode)."""
+    usage = "usage: dcmref.py FILE [--base BASE.safetensors] [--reader]"
+    args, base, mode = list(argv), None, "verifier"
+    if "--reader" in args:
+        args.remove("--reader")
+        mode = "reader"
+    if "--base" in args:
+        i = args.index("--base")
+        if i + 1 >= len(args):
+            raise UsageError(usage)
+        base = args.pop(i + 1)
+        args.pop(i)
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UsageError(usage)
+    return args[0], base, mode
 
 
 if __name__ == "__main__":

@@ -313,6 +313,33 @@ def test_msgpack():
         raise AssertionError("depth 17 accepted")
 
 
+def spec_table(marker):
+    """Rows (cells, backticks stripped) of the spec's table after `<!-- registry: marker -->`."""
+    text = open(SPEC, encoding="utf-8").read().split(f"<!-- registry: {marker} -->", 1)[1]
+    rows = []
+    for line in text.lstrip("\n").splitlines():
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("`", "") for c in line.strip().strip("|").split("|")])
+    return rows[2:]
+
+
+def test_error_codes():
+    """§15: dcmref's error classes carry the codes, numbers, parents and exit codes of the table."""
+    rows = spec_table("errors")
+    assert rows, "no error table"
+    for code, number, parent, exit_code, name, condition in rows:
+        cls = getattr(dcmref, "DcmRefError" if name == "DcmError" else name, None)
+        if cls is None:  # a decoder needs the file's conditions; the tool's own (outputs...) it may lack
+            assert condition.startswith("Not a property of the file"), f"dcmref lacks {name}"
+            continue
+        assert (cls.code, cls.number, cls.exit_code) == (code, int(number), int(exit_code)), name
+        if parent != "—":
+            assert cls.__mro__[1].code == parent, name
+    for cls in (c for c in vars(dcmref).values() if isinstance(c, type) and issubclass(c, dcmref.DcmRefError)):
+        assert cls.code in {r[0] for r in rows} and cls.__dict__.get("code"), cls
+
+
 def main():
     tests = [v for k, v in globals().items() if k.startswith("test_")]
     for t in tests:

@@ -29,7 +29,7 @@ from typing import Callable
 import msgpack
 import numpy as np
 
-from dcm import dtypes, lowrank, masks, sparse_lowrank
+from dcm import dtypes, errors, lowrank, masks, sparse_lowrank
 from dcm.baseline_payloads import pack_lowrank, pack_sign, pack_sparse
 from dcm.lowrank import BitGroup, Factor
 from dcm.sparse_lowrank import Payload, Values
@@ -95,22 +95,45 @@ LIBZSTD_FRAME = bytes.fromhex(
 LIBZSTD_CONTENT = bytes(range(32)) * 4 + bytes(64)
 
 
+FCS_FLAG = {1: 0, 2: 1, 4: 2, 8: 3}  # Frame_Content_Size field bytes -> Frame_Content_Size_Flag
+DID_FLAG = {1: 1, 2: 2, 4: 3}  # Dictionary_ID field bytes -> Dictionary_ID_Flag
+
+
 def zstd_frame(raw: bytes, *, content_size: int | None = -1, window_log: int | None = None, rle: bool = False,
-               dict_id: int | None = None) -> bytes:
-    """One frame of raw (or RLE, when the content is one repeated byte) blocks.
+               dict_id: int | None = None, fcs_bytes: int = 8, did_bytes: int = 2, window_mantissa: int = 0,
+               extra_bits: int = 0) -> bytes:
+    """One frame of raw (or RLE, when the content is one repeated byte) blocks (RFC 8878 3.1.1).
 
     ``content_size``: -1 for len(raw), None to leave Frame_Content_Size out,
-    or a number to declare (a lie, for faulty vectors).
+    or a number to declare (a lie, for faulty vectors).  ``window_log`` None
+    makes a single-segment frame (no Window_Descriptor).  ``fcs_bytes``: the
+    Frame_Content_Size field's size (1 only in a single-segment frame; 2 stores
+    the size minus 256); ``did_bytes``: the Dictionary_ID field's size when
+    ``dict_id`` is given; ``extra_bits``: bits OR-ed into the
+    Frame_Header_Descriptor (0x10 the unused bit, 0x08 the reserved bit).
     """
     declared = len(raw) if content_size == -1 else content_size
-    fcs = b"" if declared is None else struct.pack("<Q", declared)
-    fcs_flag = 0 if declared is None else 3
     single = window_log is None and declared is not None
-    did_flag, did = (0, b"") if dict_id is None else (2, struct.pack("<H", dict_id))
-    head = bytes([(fcs_flag << 6) | (single << 5) | did_flag])
-    window = b"" if single else bytes([(window_log - 10) << 3])
+    if declared is None:
+        fcs_flag, fcs = 0, b""
+    else:
+        fcs_flag = FCS_FLAG[fcs_bytes]
+        fcs = (declared - (256 if fcs_bytes == 2 else 0)).to_bytes(fcs_bytes, "little")
+    did_flag, did = (0, b"") if dict_id is None else (DID_FLAG[did_bytes], dict_id.to_bytes(did_bytes, "little"))
+    head = bytes([(fcs_flag << 6) | (single << 5) | extra_bits | did_flag])
+    window = b"" if single else bytes([(window_log - 10) << 3 | window_mantissa])
     block = 131072 if window_log is None else min(131072, 1 << window_log)
     return b"\x28\xb5\x2f\xfd" + head + window + did + fcs + _blocks(raw, rle, block)
+
+
+def zero_frame(size: int) -> bytes:
+    """A single-segment frame of ``size`` zero bytes in RLE blocks, built without holding them."""
+    blocks, left = [], size
+    while left:
+        chunk = min(131072, left)
+        left -= chunk
+        blocks.append((int(left == 0) | 1 << 1 | chunk << 3).to_bytes(3, "little") + b"\0")
+    return b"\x28\xb5\x2f\xfd" + bytes([3 << 6 | 1 << 5]) + struct.pack("<Q", size) + b"".join(blocks)
 
 
 def _blocks(raw: bytes, rle: bool, size: int) -> bytes:
@@ -133,6 +156,7 @@ def _blocks(raw: bytes, rle: bool, size: int) -> bytes:
 class Blob:
     raw: bytes
     stored: bytes | None = None  # None: stored raw; else the stored bytes (a zstd frame)
+    raw_length: int | None = None  # declared instead of len(raw) (a frame too large to hold its content)
 
     @property
     def encoding(self) -> int:
@@ -181,7 +205,8 @@ def base_digest(records) -> bytes:
 
 def blob_entry(blob: Blob, offset: int) -> dict:
     stored = blob.raw if blob.stored is None else blob.stored
-    return {"offset": offset, "length": len(stored), "encoding": blob.encoding, "raw_length": len(blob.raw),
+    raw_length = len(blob.raw) if blob.raw_length is None else blob.raw_length
+    return {"offset": offset, "length": len(stored), "encoding": blob.encoding, "raw_length": raw_length,
             "crc32": zlib.crc32(stored)}
 
 
@@ -427,10 +452,18 @@ def sign_rec(rng: Stream, name, dtype, base, *, per_row: bool, zero_rows=(), com
     for row in zero_rows:
         scales[row] = 0.0
     positive = rng.ints(m * n, 0, 2).astype(np.uint8).reshape(m, n)
+    return sign_record(name, dtype, base, scales, positive, per_row=per_row, compress=compress)
+
+
+def sign_record(name, dtype, base, scales, positive, *, per_row: bool, compress=False) -> Record:
+    """A sign record of the given float32 ``scales`` and sign bits ``positive`` (m, n)."""
+    m, n = base.shape
+    scales, positive = np.asarray(scales, "<f4"), np.asarray(positive, np.uint8)
     alpha = scales if per_row else np.repeat(scales, m)
-    coded = alpha != 0
+    coded = alpha != 0  # a scale of +0 or -0 codes no row (10.10)
     blob = pack_sign(base.shape, int(per_row), scales, positive)
-    delta = np.where(positive.astype(bool), alpha[:, None], -alpha[:, None]) * coded[:, None]
+    signed = np.where(positive.astype(bool), alpha[:, None], -alpha[:, None])
+    delta = np.where(coded[:, None], signed, np.float32(0))  # +0, never -0, in a row not coded
     rec = Record(name, 6, dtype, base.shape, {"packing": 1, "scales": int(per_row)},
                  [maybe_zstd(blob, compress)], base)
     return exact_additive(rec, positive[coded].tobytes(), alpha, delta.astype(np.float32))
@@ -454,6 +487,12 @@ def sparse_rec(rng: Stream, name, dtype, base, *, mask, seed=0, drop=0, keep_sha
     else:
         keep = rng.u32(count) < int(keep_share * 2**32)
     values = storage(rng.ints(int(keep.sum()), -127, 128) / 256.0, "F16")
+    return sparse_record(name, dtype, base, keep, values, mask=mask, seed=seed, drop=drop, compress=compress)
+
+
+def sparse_record(name, dtype, base, keep, values, *, mask, seed=0, drop=0, compress=False) -> Record:
+    """A sparse record keeping the elements ``keep`` (bool, C order) with float16 ``values``."""
+    count = base.size
     delta = np.zeros(count, np.float32)
     delta[keep] = values.astype(np.float32)
     blob = pack_sparse(count, mask, keep, values)
@@ -786,6 +825,32 @@ def _tweak_value(tensors):
     tensors["w"] = (dtype, array)
 
 
+@dataclass
+class ValidVector:
+    """A valid or uncommon vector: ``build`` gives its File (or its File and Edits)."""
+
+    name: str
+    tier: str  # valid or uncommon
+    build: Callable
+    section: str
+    minor: int  # the lowest minor version whose reader must decode it
+    description: str
+
+
+@dataclass
+class FaultyVector:
+    """A faulty vector: ``source`` changed by ``edits`` breaks one rule of ``section``."""
+
+    name: str
+    source: Callable[[], File]
+    edits: Edits
+    section: str
+    error: str  # the name of the dcm error class; the manifest gives its code too (spec 15)
+    description: str
+    mode: str = "reader"  # the procedure of spec 19.3 that must reject it: reader or verifier
+    base: Callable[[], bytes] | None = None  # the base to run with (a fault of the base), else none
+
+
 VALID = [
     # name, tier, builder, section, min minor, description
     ("lossless", "valid", lossless, "10.4", 0,
@@ -867,8 +932,9 @@ FAULTY = [
      "LayoutError", "a blob at offset 65 with alignment 64"),
     ("gap-after-last-blob", small, Edits(data=lambda data, start: data.extend(bytes(64))), "7", "LayoutError",
      "64 bytes after the last blob, counted in file_length"),
-    ("nonzero-padding", small, Edits(data=lambda data, start: data.__setitem__(60, 1)), "7", "LayoutError",
-     "a padding byte between the first two blobs is 1"),
+    FaultyVector("nonzero-padding", small, Edits(data=lambda data, start: data.__setitem__(60, 1)), "7",
+                 "LayoutError", "a padding byte between the first two blobs is 1 (a reader MAY ignore padding)",
+                 mode="verifier"),
     ("dims-overflow", small, Edits(index=set_in(("tensors", 0, "shape"), [2**32, 2**32, 2**32])), "14",
      "LimitError", "shape [2^32, 2^32, 2^32]: each dimension fits, the product (2^96) does not"),
     ("dim-too-large", small, Edits(index=set_in(("tensors", 2, "shape"), [2**48 + 1])), "14", "LimitError",
@@ -895,7 +961,7 @@ FAULTY = [
     ("unknown-layout", small, Edits(index=set_in(("tensors", 0, "params", "layout"), 2)), "10.2",
      "UnknownKindError", "layout 2"),
     ("msgpack-too-deep", lambda: replace(small(), top_ext={"x-deep": deep(15)}), Edits(), "6.2", "LimitError",
-     "an index of depth 17 (an ext value 16 arrays deep)"),
+     "an index of depth 17 (an ext value 15 arrays deep)"),
     ("msgpack-ext-type", lambda: replace(small(), top_ext={"x": msgpack.ExtType(5, b"!")}), Edits(), "6.2",
      "IndexSchemaError", "an ext value (type 5) in an ext map"),
     ("msgpack-timestamp", lambda: replace(small(), top_ext={"x": msgpack.Timestamp(0, 0)}), Edits(),
@@ -965,11 +1031,11 @@ FAULTY = [
      Edits(index=set_in(("tensors", 0, "params", "seed"), 5)), "10.12", "PayloadError",
      "a sparse record with a bitmask and seed 5"),
     ("sparse-negative-seed", lambda: File([sparse_rec(Stream(26), "w", "F32", np.zeros(8, "<f4"), mask=1)]),
-     Edits(index=set_in(("tensors", 0, "params", "seed"), -1)), "10.12", "UnknownKindError",
-     "a sparse record with seed -1"),
+     Edits(index=set_in(("tensors", 0, "params", "seed"), -1)), "10.1", "PayloadError",
+     "a sparse record with seed -1: a quantity out of range"),
     ("sparse-drop-above-range", lambda: File([sparse_rec(Stream(27), "w", "F32", np.zeros(8, "<f4"), mask=1)]),
-     Edits(index=set_in(("tensors", 0, "params", "drop"), 2**32 + 1)), "10.12", "UnknownKindError",
-     "a sparse record with drop 2^32 + 1"),
+     Edits(index=set_in(("tensors", 0, "params", "drop"), 2**32 + 1)), "10.1", "PayloadError",
+     "a sparse record with drop 2^32 + 1: a quantity out of range"),
     ("sparse-lowrank-negative-seed", lambda: File([sparse_lowrank_rec(
         Stream(28), "w", "F16", np.zeros((4, 5), "<f2"), [[0, 1, 16, 0]], mask=1, seed=3, drops=[0])]),
      Edits(index=set_in(("tensors", 0, "params", "seed"), -3)), "10.9", "PayloadError",
@@ -993,16 +1059,460 @@ FAULTY = [
      "FormatError", "an attachment named '../config.json'"),
     ("attachment-too-large", small, Edits(index=set_in(("attachments", 1, "blob", "raw_length"), 2**24 + 1)),
      "14", "LimitError", "an attachment of 16 MiB + 1 raw bytes"),
-    ("wrong-base", small, Edits(), "12", "WrongBaseError", "a base whose tensor 'w' differs in one element"),
-    ("wrong-base-missing", small, Edits(), "12", "WrongBaseError", "a base without the tensor 'gone'"),
-    ("wrong-base-extra", small, Edits(), "12", "WrongBaseError", "a base with a tensor no record names"),
+    FaultyVector("wrong-base", small, Edits(), "12", "WrongBaseError",
+                 "a base whose tensor 'w' differs in one element", base=bad_base(_tweak_value)),
+    FaultyVector("wrong-base-missing", small, Edits(), "12", "WrongBaseError", "a base without the tensor 'gone'",
+                 base=bad_base(lambda t: t.pop("gone"))),
+    FaultyVector("wrong-base-extra", small, Edits(), "12", "WrongBaseError", "a base with a tensor no record names",
+                 base=bad_base(lambda t: t.update(extra=("F32", np.zeros(2, "<f4"))))),
 ]
 
-WRONG_BASES = {
-    "wrong-base": bad_base(_tweak_value),
-    "wrong-base-missing": bad_base(lambda t: t.pop("gone")),
-    "wrong-base-extra": bad_base(lambda t: t.update(extra=("F32", np.zeros(2, "<f4")))),
-}
+
+# --- vector families -------------------------------------------------------------------------------
+#
+# A family is a function returning its vectors (ValidVector and FaultyVector entries);
+# build_all writes every family of FAMILIES.  A new part of the spec brings its
+# vectors as a new family, one function and one line in FAMILIES, so that families
+# written in parallel merge without touching each other.
+
+
+def core_vectors() -> list:
+    """Every kind, encoding and layout, and one faulty vector per rule of the first vectors."""
+    return [ValidVector(*v) for v in VALID] + [v if isinstance(v, FaultyVector) else FaultyVector(*v)
+                                               for v in FAULTY]
+
+
+def edit_all(*edits: Callable[[dict], None]) -> Callable[[dict], None]:
+    def edit(index):
+        for one in edits:
+            one(index)
+    return edit
+
+
+def pop_in(path: tuple) -> Callable[[dict], None]:
+    """Remove the key at ``path`` from the index."""
+    def edit(index):
+        node = index
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def poke_or(offset: int, bits: int) -> Callable[[bytes], bytes]:
+    return lambda raw: raw[:offset] + bytes([raw[offset] | bits]) + raw[offset + 1:]
+
+
+def splice(offset: int, data: bytes) -> Callable[[bytes], bytes]:
+    return lambda raw: raw[:offset] + data + raw[offset + len(data):]
+
+
+def without_base(source: Callable[[], File], record: int = 0) -> Callable[[], File]:
+    """``source`` with no base reference on one record (the base digest follows)."""
+    def build() -> File:
+        f = source()
+        f.records[record].base = None
+        return f
+    return build
+
+
+def with_blobs(source: Callable[[], File], blobs: Callable[[list], list], record: int = 0) -> Callable[[], File]:
+    """``source`` with one record's list of blobs replaced."""
+    def build() -> File:
+        f = source()
+        f.records[record].blobs = blobs(f.records[record].blobs)
+        return f
+    return build
+
+
+def record_edit(key: str, value, record: int = 0, also_base: bool = False) -> Callable[[dict], None]:
+    """Set a record's key (and, with ``also_base``, the same key of its base reference)."""
+    edits = [set_in(("tensors", record, key), value)]
+    if also_base:
+        edits.append(set_in(("tensors", record, "base", key), value))
+    return edit_all(*edits)
+
+
+def param(key: str, value, record: int = 0) -> Callable[[dict], None]:
+    return set_in(("tensors", record, "params", key), value)
+
+
+# --- the rounding of rebuilt tensors (spec 10.7: to float32 first, then to the dtype, nearest-even)
+
+
+def f16_rounding() -> File:
+    """Sums float32(base) + Δ̂ that fall between two values of F16 or BF16."""
+    ulp = 2.0**-10  # F16's unit in the last place on [1, 2)
+    row = [1.0, -1.0, 1 + ulp, -(1 + ulp), 2 - ulp, -(2 - ulp), 0.5, 1024.0]
+    base = storage(np.array([row] * 6, np.float32), "F16")
+    # 0.75 ulp (not a tie), half an ulp (a tie: to even), and half an ulp + 2^-34, which
+    # float32 rounds to exactly half an ulp: the sum is a tie only after the first rounding.
+    scales = np.repeat(np.array([3 * 2.0**-12, 2.0**-11, 2.0**-11 + 2.0**-34], "<f4"), 2)
+    away = (np.array(row) >= 0).astype(np.uint8)  # bit 1 adds +α: away from zero for the positive elements
+    sign = sign_record("sign-f16", "F16", base, scales, np.array([away, 1 - away] * 3), per_row=True)
+    sparse_base = storage(np.array(row * 2, np.float32), "F16")
+    values = storage(np.array([3 * 2.0**-12, -3 * 2.0**-12, 2.0**-11, -(2.0**-11)] * 4, np.float32), "F16")
+    sparse = sparse_record("sparse-f16", "F16", sparse_base, np.ones(16, bool), values, mask=2)
+    bulp = 2.0**-7  # BF16's unit in the last place on [1, 2)
+    brow = [1.0, -1.0, 1 + bulp, -(1 + bulp)]
+    bf16 = sign_record("sign-bf16", "BF16", storage(np.array([brow] * 2, np.float32), "BF16"),
+                       np.array([3 * 2.0**-9, 2.0**-8], "<f4"), np.array([[1, 0, 1, 0]] * 2), per_row=True)
+    return File([sign, sparse, bf16])
+
+
+def rounding_vectors() -> list:
+    return [ValidVector(
+        "f16-rounding", "valid", f16_rounding, "10.7", 2,
+        "sign and sparse records in F16 (and sign in BF16) whose float32 sums fall between two values of the "
+        "dtype: 0.75 of a unit in the last place, exact ties (to even), a carry into the exponent, and sums that "
+        "become ties only once rounded to float32 (round to float32 first, then to the dtype)")]
+
+
+# --- rules at the edges: −0 scales, drop thresholds equal to the hash, the two bitmask sections -----
+
+
+def sign_negative_zero() -> File:
+    rng = Stream(31)
+    base = rng.floats((4, 8), "F32")
+    base[1, :2] = base[2, 0] = -0.0  # −0 + Δ̂ = −0 + (+0) = +0 in a row that is not coded
+    rows = sign_record("rows", "F32", base, np.array([0.5, -0.0, 0.0, -0.25], "<f4"),
+                       rng.ints(32, 0, 2).reshape(4, 8), per_row=True)
+    base = rng.floats((3, 3), "BF16")
+    base[0, 0] = 0x8000  # BF16 −0
+    matrix = sign_record("matrix", "BF16", base, np.array([-0.0], "<f4"), rng.ints(9, 0, 2).reshape(3, 3),
+                         per_row=False)
+    return File([rows, matrix])
+
+
+def hash_value(seed: int, counter: int) -> int:
+    return int(masks.uniform32(seed, np.array([counter], np.uint64))[0])
+
+
+def drop_equals_hash() -> File:
+    rng = Stream(32)
+    seed = 0x5EED
+    sparse = sparse_rec(rng, "sparse", "F32", rng.floats((16,), "F32"), mask=1, seed=seed,
+                        drop=hash_value(seed, 5))
+    assert sparse.expected["codes"][5] == 1  # r(seed, 5) = drop: kept
+    seed = 77
+    drops = [hash_value(seed, masks.vector_counter(0, masks.SIDE_V) + 2),
+             hash_value(seed, masks.vector_counter(1, masks.SIDE_U) + 3)]
+    slr = sparse_lowrank_rec(rng, "sparse-lowrank", "F16", rng.floats((6, 8), "F16"), [[0, 2, 16, 0]], mask=1,
+                             seed=seed, drops=drops)
+    return File([sparse, slr])
+
+
+def mask_sections() -> File:
+    """k = 3, n = 5, m = 4: the V mask is 15 bits (2 bytes at offset 12), the U mask starts at 16."""
+    rng = Stream(33)
+    rec = sparse_lowrank_rec(rng, "w", "F32", rng.floats((4, 5), "F32"), [[0, 1, 16, 0], [1, 3, 3, 2]], mask=2,
+                             keep_share=0.6)
+    v_count = rec.expected["codes"][:15]
+    secs = sparse_lowrank.layout((4, 5), [BitGroup(*g) for g in rec.params["groups"]], 2,
+                                 np.frombuffer(v_count, np.uint8).reshape(3, 5).sum(axis=1),
+                                 np.frombuffer(rec.expected["codes"][15:27], np.uint8).reshape(3, 4).sum(axis=1))
+    assert [(x.name, x.offset, x.nbytes) for x in secs[1:3]] == [("V.mask", 12, 2), ("U.mask", 16, 2)]
+    return File([rec])
+
+
+def edge_rule_vectors() -> list:
+    return [
+        ValidVector("sparse-lowrank-mask-sections", "valid", mask_sections, "10.9", 2,
+                    "sparse-lowrank with a bitmask whose V mask (15 bits, 2 bytes at offset 12) ends inside a byte "
+                    "and 2 bytes before a multiple of 4: the U mask is its own section at offset 16, not a "
+                    "continuation of the V mask's bit stream nor at the next byte"),
+        ValidVector("sign-negative-zero", "uncommon", sign_negative_zero, "10.10", 2,
+                    "sign with row scales +0 and −0 (both rows not coded: no sign bits) over base elements −0 "
+                    "(rebuilt as +0), and one matrix scale −0 (no sign bits at all)"),
+        ValidVector("drop-equals-hash", "uncommon", drop_equals_hash, "10.8", 2,
+                    "sparse and sparse-lowrank hash masks whose drop threshold equals r(seed, c) of one element: "
+                    "that element is kept (dropped only when r < drop)"),
+    ]
+
+
+# --- one rule for params (10.1) and the order of the open-time checks ------------------------------
+
+
+def sparse_small() -> File:
+    return File([sparse_rec(Stream(44), "w", "F16", Stream(45).floats((4, 4), "F16"), mask=1, seed=5, drop=2**31)])
+
+
+def sparse_bitmask_small() -> File:
+    return File([sparse_rec(Stream(46), "w", "F32", Stream(47).floats((11,), "F32"), mask=2, keep_share=0.5)])
+
+
+def sign_small() -> File:
+    return File([sign_rec(Stream(42), "w", "F16", Stream(43).floats((3, 10), "F16"), per_row=True, zero_rows=(1,))])
+
+
+def lowrank_small() -> File:
+    return File([lowrank_rec(Stream(48), "w", "BF16", Stream(49).floats((3, 4), "BF16"), 2)])
+
+
+def slr_hash_small() -> File:
+    """Vector 0 (a float16 group) keeps at least one V element: its values start at offset 16."""
+    rec = sparse_lowrank_rec(Stream(40), "w", "F16", Stream(41).floats((4, 5), "F16"), [[0, 1, 16, 0], [1, 2, 4, 2]],
+                             mask=1, seed=9, drops=[0x40000000, 0x80000000])
+    assert rec.expected["codes"][:5].count(1) >= 1
+    return File([rec])
+
+
+def slr_bitmask_small() -> File:
+    """k = 2, n = 5, m = 3: S at 0 (8 bytes), the V mask at 8 (2 bytes, 6 padding bits), the U mask at 12."""
+    return File([sparse_lowrank_rec(Stream(50), "w", "F32", Stream(51).floats((3, 5), "F32"), [[0, 2, 2, 3]],
+                                    mask=2, keep_share=0.5)])
+
+
+def slr_rank_zero() -> File:
+    return File([sparse_lowrank_rec(Stream(52), "w", "F16", np.zeros((2, 1), "<f2"), [], mask=1, drops=[])])
+
+
+def param_rule_vectors() -> list:
+    def f(name, source, edit, section, error, description):
+        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, section, error, description)
+    huge = 2**32 + 1
+    return [
+        # a registry number the reader does not know, or the kind does not accept: UnknownKindError
+        f("transform-none", small, param("transform", 0), "10.1", "UnknownKindError",
+          "a dense-delta record with transform 0 (none), a registry number no kind of 1.2 accepts"),
+        f("sign-scales-unknown", sign_small, param("scales", 2), "10.1", "UnknownKindError",
+          "a sign record with scales 2, a registry number unknown to 1.2"),
+        f("sparse-mask-unknown", sparse_small, param("mask", 3), "10.1", "UnknownKindError",
+          "a sparse record with mask 3, a registry number unknown to 1.2"),
+        # a quantity out of range: PayloadError
+        f("group-size-zero", spec_example, group_edit([[0, 1, 3, 0]]), "10.1", "PayloadError",
+          "a lowrank-mixed bit group with group_size 0: a quantity out of range"),
+        # the type of a param before its value, params in the order of the kind's table
+        f("param-type", slr_hash_small, param("seed", True), "10.1", "IndexSchemaError",
+          "a sparse-lowrank seed that is a bool, not an int"),
+        f("lowrank-rank-not-int", lowrank_small, param("rank", 1.5), "10.1", "IndexSchemaError",
+          "a lowrank rank that is a float"),
+        f("order-param-value-before-next-type", slr_hash_small, edit_all(param("packing", 2), param("seed", "x")),
+          "10.1", "UnknownKindError",
+          "sparse-lowrank packing 2 and seed 'x': packing's value is checked before seed's type"),
+        # dtype and shape, then the base reference, then params, then blobs (10.1 step 5), for every kind
+        f("order-base-before-params", without_base(small), param("layout", 7), "10.1", "IndexSchemaError",
+          "a dense-delta record without its base reference and with layout 7: the base reference first"),
+        f("order-removed-base-before-blobs", without_base(removed_with_blob, 4), Edits(), "10.1",
+          "IndexSchemaError", "a removed record without its base reference and with a blob"),
+        f("order-dtype-before-base", without_base(sign_small), record_edit("dtype", "I8"), "10.1", "PayloadError",
+          "a sign record of dtype I8 without a base reference: the dtype first"),
+        f("order-shape-before-base", slr_rank_zero,
+          edit_all(record_edit("shape", [huge, 1]), pop_in(("tensors", 0, "base"))), "10.1", "LimitError",
+          "a sparse-lowrank record of shape [2^32 + 1, 1] without a base reference: the shape first"),
+        # errors the text did not name before
+        f("removed-with-params", small, param("layout", 0, 4), "10.6", "IndexSchemaError",
+          "a removed record whose params are {layout: 0}, not empty"),
+        f("sha256-short", small, set_in(("tensors", 0, "base", "sha256"), bytes(31)), "6.3", "IndexSchemaError",
+          "a base reference's sha256 of 31 bytes"),
+        f("digest-long", small, set_in(("base", "digest"), bytes(33)), "6.3", "IndexSchemaError",
+          "a base digest of 33 bytes"),
+        f("metadata-not-text", small, set_in(("checkpoint_metadata",), {"format": 1}), "6.5", "IndexSchemaError",
+          "checkpoint_metadata whose value is an int"),
+    ]
+
+
+# --- the open-time and payload rules of kinds 5–8 ---------------------------------------------------
+
+
+def kind_5_8_vectors() -> list:
+    def f(name, source, edit, section, error, description):
+        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, section, error, description)
+    huge = 2**32 + 1
+    more = lambda blobs: blobs + [Blob(b"")]  # noqa: E731
+    return [
+        # sparse-lowrank (10.9)
+        f("sparse-lowrank-dtype", slr_hash_small, record_edit("dtype", "I32", also_base=True), "10.9",
+          "PayloadError", "a sparse-lowrank record of dtype I32"),
+        f("sparse-lowrank-one-dimension", slr_hash_small, record_edit("shape", [20], also_base=True), "10.9",
+          "PayloadError", "a sparse-lowrank record of shape [20]"),
+        f("sparse-lowrank-vector-too-long", slr_rank_zero, record_edit("shape", [huge, 1], also_base=True),
+          "10.9", "LimitError", "a sparse-lowrank record of shape [2^32 + 1, 1]"),
+        f("sparse-lowrank-missing-base", without_base(slr_hash_small), Edits(), "10.9", "IndexSchemaError",
+          "a sparse-lowrank record without its base reference"),
+        f("sparse-lowrank-base-dtype", slr_hash_small, set_in(("tensors", 0, "base", "dtype"), "BF16"), "10.9",
+          "PayloadError", "a sparse-lowrank F16 record whose base reference is BF16"),
+        f("sparse-lowrank-missing-param", slr_hash_small, pop_in(("tensors", 0, "params", "seed")), "10.9",
+          "IndexSchemaError", "sparse-lowrank params without seed"),
+        f("sparse-lowrank-unknown-packing", slr_hash_small, param("packing", 2), "10.9", "UnknownKindError",
+          "sparse-lowrank packing 2"),
+        f("sparse-lowrank-unknown-mask", slr_hash_small, param("mask", 3), "10.9", "UnknownKindError",
+          "sparse-lowrank mask 3"),
+        f("sparse-lowrank-bitmask-with-seed", slr_bitmask_small, param("seed", 1), "10.9", "PayloadError",
+          "a sparse-lowrank record with a bitmask and seed 1"),
+        f("sparse-lowrank-float-group-size", slr_hash_small, group_edit([[0, 1, 16, 4], [1, 2, 4, 2]]), "10.9",
+          "PayloadError", "a float16 bit group (bits 16) with group_size 4"),
+        f("sparse-lowrank-rank-zero-blob", with_blobs(slr_rank_zero, lambda b: [Blob(bytes(4))]), Edits(), "10.9",
+          "PayloadError", "a sparse-lowrank record of rank 0 with a blob"),
+        f("sparse-lowrank-length-above", with_blob(0, lambda raw: raw + bytes(4096), slr_hash_small), Edits(),
+          "10.9", "PayloadError", "a sparse-lowrank blob longer than with every element kept"),
+        f("sparse-lowrank-length-inexact", with_blob(0, lambda raw: raw + bytes(4), slr_hash_small), Edits(),
+          "10.9", "PayloadError", "a sparse-lowrank blob 4 bytes longer than its mask gives, within the bounds"),
+        f("sparse-lowrank-mask-padding", with_blob(0, poke_or(9, 0x80), slr_bitmask_small), Edits(), "11",
+          "PayloadError", "a nonzero padding bit after the V mask of a sparse-lowrank record"),
+        f("sparse-lowrank-section-padding", with_blob(0, poke(10, 1), slr_bitmask_small), Edits(), "10.9",
+          "PayloadError", "a nonzero byte between the V mask and the U mask"),
+        f("sparse-lowrank-not-finite", with_blob(0, splice(16, b"\x00\x7c"), slr_hash_small), Edits(), "10.9",
+          "PayloadError", "a float16 +infinity among the V values"),
+        # sign (10.10)
+        f("sign-dtype", sign_small, record_edit("dtype", "F64", also_base=True), "10.10", "PayloadError",
+          "a sign record of dtype F64"),
+        f("sign-three-dimensions", sign_small, record_edit("shape", [3, 5, 2], also_base=True), "10.10",
+          "PayloadError", "a sign record of shape [3, 5, 2]"),
+        f("sign-missing-base", without_base(sign_small), Edits(), "10.10", "IndexSchemaError",
+          "a sign record without its base reference"),
+        f("sign-unknown-packing", sign_small, param("packing", 0), "10.10", "UnknownKindError",
+          "sign packing 0"),
+        f("sign-extra-param", sign_small, param("rank", 1), "10.10", "IndexSchemaError",
+          "a sign record with a param 'rank'"),
+        f("sign-no-blob", with_blobs(sign_small, lambda b: []), Edits(), "10.10", "PayloadError",
+          "a sign record without its blob"),
+        f("sign-length-below", with_blob(0, lambda raw: raw[:8], sign_small), Edits(), "10.10", "PayloadError",
+          "a sign blob shorter than its 3 row scales"),
+        f("sign-scale-not-finite", with_blob(0, splice(0, b"\x00\x00\xc0\x7f"), sign_small), Edits(), "10.10",
+          "PayloadError", "a sign row scale that is a NaN"),
+        f("sign-padding-bits", with_blob(0, poke_or(14, 0x80), sign_small), Edits(), "11", "PayloadError",
+          "a nonzero padding bit after 20 sign bits"),
+        # lowrank (10.11)
+        f("lowrank-base-dtype", lowrank_small, set_in(("tensors", 0, "base", "dtype"), "F16"), "10.11",
+          "PayloadError", "a lowrank BF16 record whose base reference is F16"),
+        f("lowrank-extra-param", lowrank_small, param("packing", 1), "10.11", "IndexSchemaError",
+          "a lowrank record with a param 'packing'"),
+        f("lowrank-length-differs", with_blob(0, lambda raw: raw + bytes(4), lowrank_small), Edits(), "10.11",
+          "PayloadError", "a lowrank blob 4 bytes longer than its rank gives"),
+        f("lowrank-rank-zero-blob", lowrank_small, param("rank", 0), "10.11", "PayloadError",
+          "a lowrank record of rank 0 with a blob"),
+        f("lowrank-s-not-finite", with_blob(0, splice(0, b"\x00\x00\x80\x7f"), lowrank_small), Edits(), "10.11",
+          "PayloadError", "a lowrank S value that is +infinity"),
+        # sparse (10.12)
+        f("sparse-dtype", sparse_small, record_edit("dtype", "U16", also_base=True), "10.12", "PayloadError",
+          "a sparse record of dtype U16"),
+        f("sparse-missing-base", without_base(sparse_small), Edits(), "10.12", "IndexSchemaError",
+          "a sparse record without its base reference"),
+        f("sparse-bitmask-with-drop", sparse_bitmask_small, param("drop", 5), "10.12", "PayloadError",
+          "a sparse record with a bitmask and drop 5"),
+        f("sparse-two-blobs", with_blobs(sparse_small, more), Edits(), "10.12", "PayloadError",
+          "a sparse record with two blobs"),
+        f("sparse-length-above", with_blob(0, lambda raw: raw + bytes(64), sparse_small), Edits(), "10.12",
+          "PayloadError", "a sparse blob longer than with every element kept"),
+        f("sparse-not-finite", with_blob(0, splice(0, b"\x00\x7e"), sparse_small), Edits(), "10.12",
+          "PayloadError", "a sparse value that is a float16 NaN"),
+        f("sparse-mask-padding", with_blob(0, poke_or(1, 0x80), sparse_bitmask_small), Edits(), "11",
+          "PayloadError", "a nonzero padding bit after the 11 bits of a sparse bitmask"),
+    ]
+
+
+# --- the index: arity, limits and types the first vectors left out ----------------------------------
+
+
+def index_vectors() -> list:
+    def f(name, edit, section, error, description, source=small):
+        return FaultyVector(name, source, Edits(index=edit), section, error, description)
+    return [
+        f("format-one-item", set_in(("format",), [1]), "6.5", "IndexSchemaError", "format [1]"),
+        f("format-three-items", set_in(("format",), [1, 0, 0]), "6.3", "LimitError",
+          "format [1, 0, 0]: an array(2) of 3 items"),
+        f("format-minor-too-large", set_in(("format",), [1, 65536]), "14", "LimitError", "format [1, 65536]"),
+        f("format-not-int", set_in(("format",), ["1", 0]), "6.5", "IndexSchemaError", "format ['1', 0]"),
+        f("kind-too-large", record_edit("kind", 2**32), "14", "LimitError", "record kind 2^32"),
+        f("crc-too-large", set_in(("tensors", 0, "blobs", 0, "crc32"), 2**32), "14", "LimitError",
+          "a blob crc32 of 2^32"),
+        f("creator-too-long", set_in(("creator",), "c" * 257), "14", "LimitError", "a creator of 257 bytes"),
+        f("method-name-too-long", set_in(("method", "name"), "m" * 65), "14", "LimitError",
+          "a method name of 65 bytes"),
+        f("dtype-name-too-long", record_edit("dtype", "F" * 17, 2), "14", "LimitError",
+          "a dtype name of 17 bytes"),
+        f("name-with-nul", record_edit("name", "he\0ad", 2), "6.3", "IndexSchemaError",
+          "a tensor name containing U+0000"),
+        f("ext-not-a-map", record_edit("ext", 1), "6.4", "IndexSchemaError", "a record whose ext is an int"),
+        f("method-params-missing", pop_in(("method", "params")), "6.5", "IndexSchemaError",
+          "a method without params"),
+        f("tensors-not-array", set_in(("tensors",), {}), "6.5", "IndexSchemaError", "tensors that is a map"),
+    ]
+
+
+# --- attachment names (13) -----------------------------------------------------------------------------
+
+
+def attachment_vectors() -> list:
+    def named(name, value, description, error="FormatError", section="13", which=0):
+        return FaultyVector(name, small, Edits(index=set_in(("attachments", which, "name"), value)), section,
+                            error, description)
+    return [
+        named("attachment-backslash", "dir\\config.json", "an attachment name with a backslash"),
+        named("attachment-absolute", "/config.json", "an attachment name that begins with '/'"),
+        named("attachment-drive-letter", "C:config.json", "an attachment name that begins with a drive letter"),
+        named("attachment-empty-component", "tokenizer//vocab.txt", "an attachment name with '//'", which=1),
+        named("attachment-trailing-slash", "config.json/", "an attachment name that ends with '/'"),
+        named("attachment-dot-component", "./config.json", "an attachment name with a '.' component"),
+        named("attachment-weights", "model.safetensors", "an attachment named model.safetensors"),
+        named("attachment-weights-index", "model.safetensors.index.json",
+              "an attachment named model.safetensors.index.json"),
+        named("attachment-nested-weights", "extra/more.safetensors", "an attachment name ending in .safetensors"),
+        named("attachment-inside-another", "tokenizer", "attachments 'tokenizer' and 'tokenizer/vocab.txt'"),
+        named("attachment-duplicate", "tokenizer/vocab.txt", "two attachments named 'tokenizer/vocab.txt'",
+              "DuplicateKeyError", "6.9"),
+        named("attachment-name-too-long", "a" * 256, "an attachment name of 256 bytes", "LimitError", "14"),
+        named("attachment-name-nul", "config\0.json", "an attachment name containing U+0000", "IndexSchemaError",
+              "6.3"),
+    ]
+
+
+# --- zstd frame headers field by field (8.1) -----------------------------------------------------------
+
+
+FRAME_CONTENT = bytes(range(256)) * 300  # 76800 bytes, not one repeated byte: raw blocks
+
+
+def zstd_header_fields() -> File:
+    """Attachments whose frames use every form of the header fields that section 8.1 reads."""
+    rng = Stream(34)
+    w = rng.floats((2, 2), "F16")
+    frames = [
+        ("fcs-1-byte.bin", FRAME_CONTENT[:200], {"fcs_bytes": 1}),
+        ("fcs-2-bytes.bin", FRAME_CONTENT[:300], {"fcs_bytes": 2}),  # stored as 300 − 256 = 44
+        ("fcs-2-bytes-max.bin", FRAME_CONTENT[:65791], {"fcs_bytes": 2}),  # 65535 + 256
+        ("fcs-4-bytes.bin", FRAME_CONTENT[:70000], {"fcs_bytes": 4}),
+        ("dictionary-id-zero.bin", FRAME_CONTENT[:100], {"dict_id": 0, "did_bytes": 1}),
+        ("unused-bit.bin", FRAME_CONTENT[:100], {"extra_bits": 0x10}),
+        ("window-mantissa.bin", FRAME_CONTENT, {"window_log": 26, "window_mantissa": 7}),  # 2^26 + 7·2^23
+        ("window-largest.bin", FRAME_CONTENT[:1000], {"window_log": 27}),  # exactly 2^27
+    ]
+    attachments = [(name, Blob(raw, zstd_frame(raw, **kw))) for name, raw, kw in frames]
+    return File([dense_delta("w", "F16", w, nudged(rng, w))], attachments, minor=0)
+
+
+def big_full_zero_frame() -> File:
+    """A U8 [2^27 + 8] full record whose single-segment frame's window (its content size) is too large."""
+    size = 2**27 + 8
+    rec = Record("big", 2, "U8", (size,), {"layout": 0}, [Blob(b"", zero_frame(size), raw_length=size)])
+    return File([rec], minor=0)
+
+
+def zstd_vectors() -> list:
+    raw = bytes(16)
+    return [
+        ValidVector("zstd-header-fields", "uncommon", zstd_header_fields, "8.1", 0,
+                    "zstd frames with a 1-byte (single segment), 2-byte (content size − 256) and 4-byte "
+                    "Frame_Content_Size, a Dictionary_ID field holding 0, the unused header bit set, a window "
+                    "descriptor with a mantissa (2^26 + 7·2^23 bytes) and one of exactly 2^27 bytes"),
+        FaultyVector("zstd-reserved-bit", dense_with_stored(zstd_frame(raw, extra_bits=0x08)), Edits(), "8.1",
+                     "PayloadError", "a zstd frame header with the reserved bit set"),
+        FaultyVector("zstd-window-mantissa", dense_with_stored(zstd_frame(raw, window_log=27, window_mantissa=1)),
+                     Edits(), "8.1", "PayloadError",
+                     "a zstd window descriptor of 2^27 + 2^24 bytes (exponent 17, mantissa 1)"),
+        FaultyVector("zstd-single-segment-window", big_full_zero_frame, Edits(), "8.1", "PayloadError",
+                     "a single-segment zstd frame whose window, its content size 2^27 + 8, exceeds 2^27 (4 KiB of "
+                     "RLE blocks for a U8 [2^27 + 8] full record)"),
+        FaultyVector("zstd-content-size-offset", dense_with_stored(zstd_frame(raw, content_size=16 + 256,
+                                                                             fcs_bytes=2)),
+                     Edits(), "8.1", "PayloadError",
+                     "a 2-byte Frame_Content_Size field holding 16, which means 272 bytes, for a 16-byte blob"),
+    ]
+
+
+FAMILIES = (core_vectors, rounding_vectors, edge_rule_vectors, param_rule_vectors, kind_5_8_vectors,
+            index_vectors, attachment_vectors, zstd_vectors)
 
 
 # --- expected results (spec 19.2) and the manifest (19.1) -----------------------------------------
@@ -1049,30 +1559,40 @@ def to_json(obj) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()
 
 
+def all_vectors() -> list:
+    vectors = [v for family in FAMILIES for v in family()]
+    names = [v.name for v in vectors]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    return vectors
+
+
 def build_all() -> dict[str, bytes]:
     """Every file under spec/vectors/ (except this script), by relative path."""
     files, manifest = {}, []
-    for name, tier, builder, section, minor, description in VALID:
-        made = builder()
+    vectors = all_vectors()
+    for v in (v for v in vectors if isinstance(v, ValidVector)):
+        made = v.build()
         f, edits = made if isinstance(made, tuple) else (made, Edits())
         data = assemble(f, edits)
-        folder = f"{tier}/{name}"
+        folder = f"{v.tier}/{v.name}"
         files[f"{folder}/vector.dcm"] = data
         files[f"{folder}/base.safetensors"] = base_file(f)
         files[f"{folder}/expected.json"] = to_json(expected_of(f, data))
-        manifest.append({"path": f"{folder}/vector.dcm", "tier": tier, "min_version": [1, minor],
-                         "section": section, "description": description, "base": f"{folder}/base.safetensors",
-                         "expected": f"{folder}/expected.json", "error": None, "needs_base": False})
-    for name, source, edits, section, error, description in FAULTY:
-        f = source()
-        files[f"faulty/{name}.dcm"] = assemble(f, edits)
+        manifest.append({"path": f"{folder}/vector.dcm", "tier": v.tier, "min_version": [1, v.minor],
+                         "section": v.section, "description": v.description, "base": f"{folder}/base.safetensors",
+                         "expected": f"{folder}/expected.json", "error": None, "code": None, "mode": None,
+                         "needs_base": False})
+    for v in (v for v in vectors if isinstance(v, FaultyVector)):
+        f = v.source()
+        files[f"faulty/{v.name}.dcm"] = assemble(f, v.edits)
         base = None
-        if name in WRONG_BASES:
-            base = f"faulty/{name}.base.safetensors"
-            files[base] = WRONG_BASES[name]()
-        manifest.append({"path": f"faulty/{name}.dcm", "tier": "faulty", "min_version": [1, f.minor],
-                         "section": section, "description": description, "base": base, "expected": None,
-                         "error": error, "needs_base": name in WRONG_BASES})
+        if v.base is not None:
+            base = f"faulty/{v.name}.base.safetensors"
+            files[base] = v.base()
+        manifest.append({"path": f"faulty/{v.name}.dcm", "tier": "faulty", "min_version": [1, f.minor],
+                         "section": v.section, "description": v.description, "base": base, "expected": None,
+                         "error": v.error, "code": getattr(errors, v.error).code, "mode": v.mode,
+                         "needs_base": v.base is not None})
     files["index.json"] = to_json({"format": "dcm conformance vectors", "spec": "spec/dcm-format.md section 19",
                                    "generator": "spec/vectors/generate.py", "vectors": manifest})
     return files
