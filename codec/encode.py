@@ -13,7 +13,8 @@ The steps (``jobs.py`` holds the per-tensor work, ``parallel.py`` where it runs)
 Budgets: a matrix's budget is its planned share plus its part of what earlier
 matrices could not spend (``budget.Ledger``); jobs run ahead speculatively with
 the budget known when they start and are run again in the rare case that an
-earlier matrix's leftover changed it.  Whatever the executor, thread count or
+earlier matrix's leftover changed it (unless its record did not need the budget:
+``Method.holds_with_more_budget``).  Whatever the executor, thread count or
 worker count, the file is the one a serial run writes.
 """
 
@@ -270,9 +271,15 @@ class _Run:
                 self.timings[f"code:{info.name}"] = result.seconds
                 bar.set_postfix_str(info.name, refresh=False)
                 bar.update(info.nbytes)
-                if ledger is None or result.budget is None:
+                budget = version(i)  # the matrix's final budget (a reused result may have had less)
+                if ledger is None or budget is None:
                     return False
-                return ledger.settle(info.name, result.budget, result.cost(info.dtype, info.shape))
+                return ledger.settle(info.name, budget, result.cost(info.dtype, info.shape))
+
+            def reusable(i, result, budget):
+                # A record that did not need all of its budget is what a larger one gives too.
+                return result.holds_with_more_budget and budget is not None and result.budget is not None \
+                    and budget >= result.budget
             weights = [self._working_bytes(t, a) for t, a in zip(tensors, actions)]
             # What a result holds until it is written: a lossy record about its budget, an exact one
             # at most its tensor's size.
@@ -281,6 +288,6 @@ class _Run:
             run_ordered(self.executor, jobs.code_tensor, len(tensors), make, accept=accept, version=version,
                         working_bytes=weights.__getitem__, memory_limit=self.max_memory,
                         describe=lambda i: f"tensor {tensors[i].name!r}", order=self._outsize_first(weights),
-                        result_bytes=sizes.__getitem__)
+                        result_bytes=sizes.__getitem__, reusable=reusable)
         self.timings["code"] = time.perf_counter() - t0
         return out

@@ -106,6 +106,7 @@ class TensorResult:
     blobs: list[StoredBlob]
     base_sha256: bytes | None
     budget: int | None  # the budget it was coded with (the encoder checks it against its ledger)
+    holds_with_more_budget: bool = False  # a larger budget gives the same record (Method.holds_with_more_budget)
     seconds: float = 0.0  # time spent in the job, for progress and benchmarks
     worker: str = field(default="")
 
@@ -166,8 +167,9 @@ def code_tensor(session: Session, job: Job) -> TensorResult:
         encoding, data = blobs.encode(raw, level)
         stored.append(StoredBlob(int(encoding), data, memoryview(raw).nbytes, blobs.crc32(data)))
     del raws
-    return TensorResult(job.name, int(kind), params, stored, sha, job.budget, time.perf_counter() - started,
-                        threading.current_thread().name)
+    holds = job.action is Action.LOSSY and job.plan is not None and method.holds_with_more_budget(job.plan, params)
+    return TensorResult(job.name, int(kind), params, stored, sha, job.budget, holds,
+                        time.perf_counter() - started, threading.current_thread().name)
 
 
 def _code(session: Session, job: Job):

@@ -140,10 +140,22 @@ def default_threads() -> int:
 RESULT_BUFFER_BYTES = 2**30  # results done but not yet written (they wait for an earlier tensor)
 
 
+def _holds(future, reusable, i, v) -> bool:
+    """Whether a job's result may still be the one of version ``v``: running (judged when done), or done
+    and ``reusable``.  A failed job is left for its turn, where its error surfaces."""
+    if not future.done():
+        return True
+    if future.cancelled():
+        return False
+    if future.exception() is not None:
+        return True
+    return reusable(i, future.result(), v)
+
+
 def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, working_bytes: Callable,
                 version: Callable | None = None, memory_limit: int | None = None, window: int | None = None,
                 describe: Callable = str, order: list | None = None, result_bytes: Callable | None = None,
-                buffer_limit: int = RESULT_BUFFER_BYTES) -> None:
+                buffer_limit: int = RESULT_BUFFER_BYTES, reusable: Callable | None = None) -> None:
     """Run ``fn`` on jobs 0..count-1 and call ``accept(index, result)`` in job order.
 
     ``version(index)`` says which version of a job must run now (e.g. the budget
@@ -152,7 +164,10 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
     is thrown away and its job runs again: jobs may run speculatively ahead, and
     the accepted results are those of a serial run.  ``accept`` returns True when
     what it accepted changes the versions of later jobs (stale runs are then
-    resubmitted at once).
+    resubmitted at once).  ``reusable(index, result, version)`` says when a result
+    computed from another version is the one this version gives too (e.g. a record
+    that did not need all of its budget): it is kept, and jobs whose version
+    changed while they ran are judged once they are done instead of started again.
 
     Jobs start in ``order`` (default: job order; e.g. the largest first, so that
     no worker is left alone with one at the end) while at most ``window`` are
@@ -217,16 +232,17 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
                     if error is None:
                         raise
                     raise error from e
-                if version(accepted) != v:  # computed from a stale version: run it again
-                    submit(accepted)
+                if version(accepted) != v and not (reusable and reusable(accepted, result, version(accepted))):
+                    submit(accepted)  # computed from a stale version, and it would differ: run it again
                     continue
                 break
             del outstanding[accepted]
             if accept(accepted, result):
                 for i, (future, v) in list(outstanding.items()):
-                    if version(i) != v:
-                        future.cancel()
-                        submit(i)
+                    if version(i) == v or (reusable and _holds(future, reusable, i, version(i))):
+                        continue
+                    future.cancel()
+                    submit(i)
     finally:
         for future, _ in outstanding.values():
             future.cancel()

@@ -264,6 +264,55 @@ def test_property_speculative_runs_accept_what_a_serial_run_does(spends, seed, w
                result_bytes=lambda i: 1000, memory_limit=2) == run(serial)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 100), st.integers(500, 1500)), min_size=1, max_size=12),
+       st.integers(0, 2**32 - 1), st.integers(1, 6))
+def test_property_results_that_hold_with_more_budget_are_kept(jobs_spec, seed, window):
+    """Like rd: a job whose record needs less than its budget gives the same record under any larger one
+    (``reusable``), and is kept when a leftover raises its budget; one that needs more spends a share of
+    what it has.  The accepted records, and the budgets the ledger settles, are those of a serial run."""
+    names = [f"m{i}" for i in range(len(jobs_spec))]
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+
+    def code(_, job):
+        i, budget = job
+        spend, need = jobs_spec[i]
+        if need <= budget:
+            return {"i": i, "budget": budget, "cost": need, "holds": True}
+        return {"i": i, "budget": budget, "cost": budget * spend // 100, "holds": False}
+
+    def run(executor, **kw):
+        ledger = Ledger({n: 1000 for n in names}, names, {n: 1 + i for i, n in enumerate(names)})
+        accepted = []
+
+        def accept(i, result):
+            budget = ledger.budget(names[i])
+            accepted.append((i, result["cost"], budget))
+            return ledger.settle(names[i], budget, result["cost"])
+        run_ordered(executor, code, len(names), lambda i, budget: (i, budget), accept=accept,
+                    version=lambda i: ledger.budget(names[i]), working_bytes=lambda i: 1,
+                    reusable=lambda i, r, budget: r["holds"] and budget >= r["budget"], **kw)
+        return accepted
+
+    serial = InlineExecutor()
+    serial.start(None)
+    assert run(_ShuffledExecutor(random.Random(seed)), order=order, window=window) == run(serial)
+
+
+def test_rd_passes_leftovers_on_without_recoding_what_holds(pair, tmp_path):
+    """rd records that kept every planned vector are not coded again when a leftover raises their budget;
+    the file is the serial one."""
+    method = methods.get_method("delta-come", {"alloc": "rd"}, ratio="1/8")
+    assert method.carries_leftover
+    plan = methods.base.TensorPlan(budget=100, data=(np.arange(3), np.array([8, 3, 3])))
+    assert method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 3, 3, 128]]})
+    assert not method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 2, 3, 128]]})
+    assert not methods.get_method("delta-come", ratio="1/8").holds_with_more_budget(plan, {"groups": []})
+    serial = encode(pair, tmp_path / "serial.dcm", "rd", threads=1)
+    assert encode(pair, tmp_path / "t3.dcm", "rd", threads=3) == serial
+
+
 # --- failures ------------------------------------------------------------------------------
 
 

@@ -142,6 +142,12 @@ class Method:
     def encode_tensor(self, name, ft, base, dtype_name, plan: TensorPlan | None = None):
         return None
 
+    def holds_with_more_budget(self, plan: TensorPlan, params: dict) -> bool:
+        """Whether the record ``encode_tensor`` made under ``plan`` (its ``params``) is the one any larger
+        budget gives too: then a leftover passed on to this matrix later needs no second coding.  False
+        (the safe answer) when the record may depend on the exact budget."""
+        return False
+
     @classmethod
     def codes_tensors(cls) -> bool:
         """Whether the method codes tensors itself (a lossy method), rather than storing all exactly."""

@@ -157,6 +157,7 @@ class Coded:
 class DeltaCoMe(Method):
     name = "delta-come"
     takes_ratio = True
+    carries_leftover = True  # what a matrix could not spend goes to the matrices after it (encode's Ledger)
 
     def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int | None = None, *,
                  alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
@@ -217,11 +218,13 @@ class DeltaCoMe(Method):
     def measures(self) -> bool:
         return self.alloc == "rd"
 
-    @property
-    def carries_leftover(self) -> bool:
-        # rd's plan already shares what the allocation left, and a matrix codes its planned widths
-        # whatever budget it gets: passing leftovers on would only re-code matrices for nothing.
-        return self.alloc == "recipe"
+    def holds_with_more_budget(self, plan, params) -> bool:
+        # rd codes its planned widths, dropping tail vectors only when they overrun the budget: a record
+        # that kept every planned vector is what any larger budget gives.  The recipe grows with its budget.
+        if self.alloc != "rd" or plan is None or plan.data is None:
+            return False
+        groups = params.get("groups") or []
+        return (groups[-1][1] if groups else 0) == len(plan.data[1])
 
     def working_bytes(self, info) -> int:
         # Both tensors, Δ (and a float32 copy of the base while it is made), and the SVD: LAPACK's copy
