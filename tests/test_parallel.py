@@ -639,7 +639,8 @@ def test_progress_on_a_real_terminal(tmp_path):
         assert proc.wait(timeout=300) == 0
         return b"".join(chunks).decode(errors="replace")
 
-    assert "plan:" in run() and "matrix" in run()
+    shown = run()
+    assert "plan:" in shown and "matrix" in shown and "allocate: 2 matrices" in shown
     assert run("-q") == ""
 
 
