@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace OUT.dcm if it exists (a regular file, never an input)")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
-                   help="bit widths from the paper's fixed recipe (default) or by rate-distortion over the file")
+                   help="delta-come: bit widths by rate-distortion over the file (default) or the paper's "
+                        "fixed recipe (to reproduce the paper)")
+    g.add_argument("--clip", choices=("mse", "minmax"), default=None,
+                   help="delta-come: each quantization group's grid clipped for least squared error "
+                        "(default), or its whole range (the paper's min-max)")
     g.add_argument("--svd", choices=("exact", "randomized"), default=None, help="SVD (default: exact)")
     g.add_argument("--calibration", default=None, metavar="STATS",
                    help="statistics from `dcm calibrate`: quantize with GPTQ instead of round-to-nearest")
@@ -199,7 +203,8 @@ def cmd_encode(args) -> int:
     from .info import one_in, sanitize
     from .methods import get_method
 
-    names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")
+    names = ("alloc", "clip", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power",
+             "scales")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     # Arguments first, before anything is read (the statistics file is opened by encode itself).
     get_method(args.method, {k: v for k, v in options.items() if k != "calibration"}, ratio=args.ratio,

@@ -70,8 +70,11 @@ class Candidates:
 
     @classmethod
     def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None,
-                zstd_level: int | None = None):
+                zstd_level: int | None = None, quantizer=None):
         """Measure every option; with ``zstd_level``, bytes are what the codes take once compressed.
+
+        ``quantizer`` (``quantizers.py``; default min–max) is the one the record will use,
+        so the errors are those of its grids.
 
         zstd matters where a factor is mostly zeros (a word-embedding delta lives in
         the rows of the tokens seen in training): its blob may shrink severalfold.
@@ -87,8 +90,9 @@ class Candidates:
         s2 = svd.s[:k].astype(np.float64) ** 2
         wu, wv = weigh(u, u_side), weigh(v, v_side)
         dist, cost = [s2 * wu * wv], [0.0]
+        rtn = quant.rtn if quantizer is None else quantizer.rtn
         for b in widths:
-            qu, qv = quant.rtn(u, b, group_size), quant.rtn(v, b, group_size)
+            qu, qv = rtn(u, b, group_size), rtn(v, b, group_size)
             du = u - quant.dequantize(*qu, group_size)
             dv = v - quant.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
