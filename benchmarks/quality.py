@@ -30,11 +30,13 @@ every row is a file that ``dcm.encode`` wrote at that ratio:
 
 - ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe and min–max grids, round-to-nearest;
 - ``gptq``:    the same recipe, quantized with GPTQ on the calibration statistics;
-- ``rd-minmax``: rate–distortion bit allocation over the whole file, min–max grids, round-to-nearest
-  (data-free);
-- ``rd``:      the same with each quantization group's grid clipped for least squared error (``clip="mse"``);
-- ``rd-gptq-minmax``, ``rd-gptq``: the same two, quantized with GPTQ (``rd+gptq``), the clip search
-  weighted by the input Hessian's diagonal;
+- ``rd``:      rate–distortion bit allocation over the whole file, min–max grids, round-to-nearest
+  (data-free), each blob in the smallest of raw, zstd and rANS;
+- ``rd-zstd``: the same with no rANS blob (``entropy=False``): the entropy-coding ablation;
+- ``rd-mse``:  each quantization group's grid clipped for least squared error (``clip="mse"``);
+- ``rd-rot``:  the singular vectors stored rotated (``rotation="hadamard"``, lowrank-rotated records);
+- ``rd-gptq``, ``rd-gptq-zstd``, ``rd-gptq-mse``, ``rd-gptq-rot``: the same four, quantized with GPTQ
+  (the clip search weighted by the input Hessian's diagonal);
 - ``default``: ``delta-come`` with no option (what a user gets);
 - ``impart``:  ImPart, sparse singular vectors in float16;
 - ``impart-qt``, ``impart-qt-gptq``: ImPart-Qt, the sparse vectors quantized 8/3/2 (RTN, GPTQ);
@@ -254,6 +256,9 @@ def encode(run: Run, label: str, method: str, ratio: str | None, options: dict) 
     kwargs = {"method": method, "overwrite": True}
     if ratio is not None:
         kwargs["ratio"] = ratio
+    options = dict(options)
+    if "entropy" in options:  # an argument of encode, not a method option
+        kwargs["entropy"] = options.pop("entropy")
     if options:
         if "options" not in inspect.signature(dcm.encode).parameters:
             raise UsageError(f"method {method!r}: this dcm.encode takes no options yet")
@@ -324,10 +329,14 @@ def file_row(run: Run, label: str, method: str, ratio: str | None, options: dict
 METHOD_ROWS = {
     "rtn": ("delta-come recipe", "delta-come", {"alloc": "recipe"}, False),  # the paper: recipe, min-max
     "gptq": ("delta-come recipe+gptq", "delta-come", {"alloc": "recipe"}, True),
-    "rd-minmax": ("delta-come rd minmax", "delta-come", {"alloc": "rd", "clip": "minmax"}, False),
-    "rd": ("delta-come rd mse", "delta-come", {"alloc": "rd", "clip": "mse"}, False),
-    "rd-gptq-minmax": ("delta-come rd+gptq minmax", "delta-come", {"alloc": "rd", "clip": "minmax"}, True),
-    "rd-gptq": ("delta-come rd+gptq mse", "delta-come", {"alloc": "rd", "clip": "mse"}, True),
+    "rd-zstd": ("delta-come rd zstd only", "delta-come", {"alloc": "rd", "entropy": False}, False),
+    "rd": ("delta-come rd", "delta-come", {"alloc": "rd"}, False),
+    "rd-mse": ("delta-come rd mse-clip", "delta-come", {"alloc": "rd", "clip": "mse"}, False),
+    "rd-rot": ("delta-come rd rotated", "delta-come", {"alloc": "rd", "rotation": "hadamard"}, False),
+    "rd-gptq-zstd": ("delta-come rd+gptq zstd only", "delta-come", {"alloc": "rd", "entropy": False}, True),
+    "rd-gptq": ("delta-come rd+gptq", "delta-come", {"alloc": "rd"}, True),
+    "rd-gptq-mse": ("delta-come rd+gptq mse-clip", "delta-come", {"alloc": "rd", "clip": "mse"}, True),
+    "rd-gptq-rot": ("delta-come rd+gptq rotated", "delta-come", {"alloc": "rd", "rotation": "hadamard"}, True),
     "default": ("delta-come default", "delta-come", {}, False),
     "impart": ("impart", "impart", {}, False),
     "impart-qt": ("impart-qt rtn", "impart-qt", {}, False),

@@ -45,7 +45,7 @@ import dcm  # noqa: E402
 import tiny_llms  # noqa: E402
 from quality import METHOD_ROWS  # noqa: E402
 
-DEFAULT_ROWS = ["rtn", "rd-minmax", "rd"]
+DEFAULT_ROWS = ["rtn", "rd-zstd", "rd", "rd-mse", "rd-rot"]
 SEQUENCES, SEQ_LEN = 16, 64
 
 
@@ -72,7 +72,9 @@ def measure(family: str, rows: list[str], ratios: list[str], ids, out: Path) -> 
                 raise SystemExit(f"row {key!r} needs calibration statistics; not supported here")
             path = out / f"{family}-{key}-{ratio.replace('/', '_')}.dcm"
             started = time.perf_counter()
-            dcm.encode(base, ft, path, method=method, ratio=ratio, options=options, overwrite=True)
+            options = dict(options)
+            entropy = options.pop("entropy", True)  # an argument of encode, not a method option
+            dcm.encode(base, ft, path, method=method, ratio=ratio, options=options, overwrite=True, entropy=entropy)
             seconds = time.perf_counter() - started
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 dcm.decode(path, base, Path(tmp) / "model", overwrite=True)

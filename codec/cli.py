@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="GLOB",
                    help="never apply the method to tensors matching these patterns")
     p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
+    p.add_argument("--no-entropy", action="store_true",
+                   help="store no blob rANS-coded, only zstd or raw (by default each blob takes the smallest; "
+                        "without rANS, codes stay fixed-width in the file for a server to read as they are)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT.dcm if it exists (a regular file, never an input)")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
@@ -98,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta-come: bit widths by rate-distortion over the file (default) or the paper's "
                         "fixed recipe (to reproduce the paper)")
     g.add_argument("--clip", choices=("mse", "minmax"), default=None,
-                   help="delta-come: each quantization group's grid clipped for least squared error "
-                        "(default), or its whole range (the paper's min-max)")
+                   help="delta-come: each quantization group's grid over its whole range (the paper's "
+                        "min-max, default) or clipped for least squared error")
+    g.add_argument("--rotation", choices=("none", "hadamard"), default=None,
+                   help="delta-come: store singular vectors rotated by a seeded randomized Hadamard transform "
+                        "(a lowrank-rotated record, format 1.3) or as they are (default)")
     g.add_argument("--svd", choices=("exact", "randomized"), default=None, help="SVD (default: exact)")
     g.add_argument("--calibration", default=None, metavar="STATS",
                    help="statistics from `dcm calibrate`: quantize with GPTQ instead of round-to-nearest")
@@ -203,7 +209,7 @@ def cmd_encode(args) -> int:
     from .info import one_in, sanitize
     from .methods import get_method
 
-    names = ("alloc", "clip", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power",
+    names = ("alloc", "clip", "rotation", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power",
              "scales")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     # Arguments first, before anything is read (the statistics file is opened by encode itself).
@@ -213,6 +219,7 @@ def cmd_encode(args) -> int:
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
+                    entropy=not args.no_entropy,
                     allow_uncoded=args.allow_uncoded)
     if report.params:
         ratio = report.file_bytes / (2 * report.params)

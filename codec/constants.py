@@ -45,11 +45,12 @@ class Encoding(enum.IntEnum):
 
     RAW = 0
     ZSTD = 1
+    RANS = 2  # an order-0 rANS stream (htscodecs' rANS Nx16, order 0, 4 or 32 states)
 
 
 # The minor version that defined each blob encoding (spec section 4: a file's minor version
 # covers its kinds and its encodings).
-ENCODING_MINOR = {Encoding.RAW: 0, Encoding.ZSTD: 0}
+ENCODING_MINOR = {Encoding.RAW: 0, Encoding.ZSTD: 0, Encoding.RANS: 3}
 
 
 class Kind(enum.IntEnum):
@@ -63,7 +64,7 @@ class Kind(enum.IntEnum):
     SIGN = 6  # W_base + scale·sign (BitDelta)
     LOWRANK = 7  # W_base + U·diag(S)·Vᵀ, U and V in float16
     SPARSE = 8  # W_base + the kept elements of Δ (DARE)
-    LOWRANK_ROTATED = 9  # lowrank-mixed whose singular vectors are stored rotated (randomized Hadamard)
+    LOWRANK_ROTATED = 10  # lowrank-mixed whose singular vectors are stored rotated (randomized Hadamard)
 
 
 KIND_NAMES = {

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from . import coverage, methods
 from ._version import __version__
 from .checkpoint import Checkpoint, TensorStream
-from .constants import KIND_MINOR, VERSION_MAJOR, Kind
+from .constants import ENCODING_MINOR, KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
 from .coverage import Coverage
 from .errors import CoverageError
@@ -103,6 +103,12 @@ class _Encoder:
         return out
 
 
+def format_minor(records, attachments) -> int:
+    """The lowest minor version that defines every kind and blob encoding the file uses (spec 4)."""
+    encodings = [b["encoding"] for r in records for b in r["blobs"]] + [a["blob"]["encoding"] for a in attachments]
+    return max([0] + [KIND_MINOR[r["kind"]] for r in records] + [ENCODING_MINOR[e] for e in encodings])
+
+
 def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
     """TensorInfo of the tensors the method will code (same dtype and shape in both, selected)."""
     return coverage.planned(profile, base, ft)
@@ -118,21 +124,26 @@ def _check_coverage(cov: Coverage) -> None:
 
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
            options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
-           progress: bool = False, creator: str | None = None, allow_uncoded: bool = True) -> EncodeReport:
+           progress: bool = False, creator: str | None = None, allow_uncoded: bool = True,
+           entropy: bool = True) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
     ``include`` / ``exclude``: a glob or a list of globs.  The report's ``coverage``
     says what a lossy method coded; with ``allow_uncoded=False`` (the CLI's
     default) a lossy encode that codes no tensor, or whose file takes more than
-    twice its budget, raises CoverageError and writes nothing.
+    twice its budget, raises CoverageError and writes nothing.  ``entropy=False`` stores no
+    blob rANS-coded (zstd or raw only: fixed-width codes a server reads without an entropy
+    decoder, spec 8.2).
     """
     started = time.perf_counter()
     profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
+    profile.entropy = bool(entropy)
     inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite, inputs=inputs) as writer:
+            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite, inputs=inputs,
+                            entropy=bool(entropy)) as writer:
         profile.plan(_planned(profile, base_ckpt, ft_ckpt),
                      lambda name: (ft_ckpt.read(name), base_ckpt.read(name)))
         total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
@@ -147,13 +158,14 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         if profile.selection.include or profile.selection.exclude:
             config["selection"] = profile.selection.get_config()
         refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
+        attachments = enc.attachments()
         index = {
-            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in enc.records])],
+            "format": [VERSION_MAJOR, format_minor(enc.records, attachments)],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},
             "tensors": enc.records,
-            "attachments": enc.attachments(),
+            "attachments": attachments,
         }
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)

@@ -70,7 +70,7 @@ class Candidates:
 
     @classmethod
     def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None,
-                zstd_level: int | None = None, quantizer=None):
+                zstd_level: int | None = None, quantizer=None, entropy: bool = True):
         """Measure every option; with ``zstd_level``, bytes are what the codes take once compressed.
 
         ``quantizer`` (``quantizers.py``; default min–max) is the one the record will use,
@@ -96,7 +96,7 @@ class Candidates:
             du = u - quant.dequantize(*qu, group_size)
             dv = v - quant.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
-            shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
+            shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level, entropy)
             cost.append(vector_bytes(shape, b, group_size) * shrink)
         return cls(name, dtype, tuple(shape), options, np.array(cost), np.stack(dist, axis=1))
 
@@ -107,13 +107,13 @@ class Candidates:
         return self.widths[np.argmin(self.dist + lam * self.cost, axis=1)]
 
 
-def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level) -> float:
+def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level, entropy: bool = True) -> float:
     """stored / raw bytes of a blob holding every vector at ``bits`` (1.0 without zstd)."""
     if zstd_level is None:
         return 1.0
     group = [lowrank.BitGroup(0, len(s), bits, group_size)]
     raw = lowrank.pack_blob(shape, group, s, [(lowrank.Factor(*qv), lowrank.Factor(*qu))])
-    return len(blobs.encode(raw, zstd_level)[1]) / len(raw)
+    return len(blobs.encode(raw, zstd_level, entropy)[1]) / len(raw)
 
 
 def estimated_cost(c: Candidates, widths, record_cost, group_size) -> int:

@@ -61,6 +61,7 @@ class Method:
 
     name: str
     takes_ratio = False
+    entropy = True  # blobs may be stored rANS-coded when smaller (``encode(entropy=False)``: never)
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3):
         if ratio is not None and not self.takes_ratio:
@@ -76,6 +77,8 @@ class Method:
 
     def get_config(self) -> dict:
         config = {"zstd_level": self.zstd_level, "dense_delta_transform": "sub-zigzag"}
+        if not self.entropy:  # the default (each blob's smallest encoding) goes unsaid
+            config["entropy"] = False
         if self.ratio is not None:
             config["ratio"] = f"{self.ratio.numerator}/{self.ratio.denominator}"
         return config
