@@ -47,8 +47,9 @@ from test_sparse_methods import lossy_cost, read_file
 
 SHAPES = {"a.weight": (256, 192), "b.weight": (192, 320), "c.weight": (128, 128)}
 METHODS = {  # label: (method, options)
-    "delta-come": ("delta-come", {}),  # rd allocation, MSE-clipped grids
-    "delta-come-minmax": ("delta-come", {"clip": "minmax"}),
+    "delta-come": ("delta-come", {}),  # rd allocation, min-max grids, blobs zstd or rANS
+    "delta-come-mse": ("delta-come", {"clip": "mse"}),  # MSE-clipped grids
+    "delta-come-rotated": ("delta-come", {"rotation": "hadamard"}),  # lowrank-rotated records
     "delta-come-recipe": ("delta-come", {"alloc": "recipe"}),  # the paper's recipe and min-max grids
     "impart": ("impart", {}),
     "impart-qt": ("impart-qt", {}),
@@ -64,8 +65,9 @@ MIN_SPENT = 0.95
 # (relative error, scale g) over the three matrices, measured on this pair (dcm 0.1.0, numpy 2.4,
 # torch 2.13 CPU); DARE's scale is 1 − p by design and is checked against that instead.
 MEASURED = {
-    ("delta-come", "1/8"): (0.0314, 1.0000), ("delta-come", "1/16"): (0.0718, 1.0001),
-    ("delta-come-minmax", "1/8"): (0.0321, 1.0000), ("delta-come-minmax", "1/16"): (0.1277, 1.0000),
+    ("delta-come", "1/8"): (0.0321, 1.0000), ("delta-come", "1/16"): (0.1277, 1.0000),
+    ("delta-come-mse", "1/8"): (0.0314, 1.0000), ("delta-come-mse", "1/16"): (0.0718, 1.0001),
+    ("delta-come-rotated", "1/8"): (0.0321, 0.9998), ("delta-come-rotated", "1/16"): (0.0718, 0.9999),
     ("delta-come-recipe", "1/8"): (0.2594, 0.9353), ("delta-come-recipe", "1/16"): (0.2601, 0.9356),
     ("impart", "1/8"): (0.4508, 0.8396), ("impart", "1/16"): (0.6093, 0.8853),
     ("impart-qt", "1/8"): (0.2853, 0.9248), ("impart-qt", "1/16"): (0.4665, 0.8203),
@@ -73,7 +75,8 @@ MEASURED = {
     ("dare", "1/8"): (2.5851, None), ("dare", "1/16"): (3.8541, None),
     ("bitdelta", "1/16"): (0.6536, 1.0000), ("bitdelta", "1/24"): (0.7737, 1.0000),
 }
-SVD_METHODS = ("delta-come", "delta-come-minmax", "delta-come-recipe", "impart", "impart-qt", "lowrank")
+SVD_METHODS = ("delta-come", "delta-come-mse", "delta-come-rotated", "delta-come-recipe", "impart", "impart-qt",
+               "lowrank")
 
 
 def bound(measured: float) -> float:
@@ -219,7 +222,7 @@ def test_singular_values_are_the_deltas(pair, encoded, label, ratio):
         k = factors.size // (1 + m + n)
         sigma = np.linalg.svd(want[name], compute_uv=False)
         assert k >= 1, name
-        if label in ("delta-come", "delta-come-minmax"):
+        if label in ("delta-come", "delta-come-mse", "delta-come-rotated"):
             nearest = np.abs(factors[:k, None] - sigma[None, :]).min(axis=1)
             assert (nearest <= 1e-5 * sigma[0]).all(), (name, nearest.max())
             assert np.unique(np.argmin(np.abs(factors[:k, None] - sigma[None, :]), axis=1)).size == k, name
