@@ -183,14 +183,16 @@ def decode(stored, raw_length: int, where: str, exact: bool = False) -> bytes:
     head = parse_header(stored, raw_length, where)
     if _LIB is None:
         return decode_exact(stored, raw_length, head, where)
-    out = ctypes.create_string_buffer(raw_length)
+    out = bytearray(raw_length)  # the library writes straight into it: one copy of the raw bytes in memory
     size = ctypes.c_uint(raw_length)
     data = bytes(stored)
-    if not _LIB.rans_uncompress_to_4x16(data, len(data), out, ctypes.byref(size)) or size.value != raw_length:
+    target = (ctypes.c_char * raw_length).from_buffer(out)
+    if not _LIB.rans_uncompress_to_4x16(data, len(data), target, ctypes.byref(size)) or size.value != raw_length:
         raise PayloadError(f"{where}: rans stream does not decode")
-    if exact and compress(out.raw) != data:
+    del target  # releases the export, so ``out`` may be resized or freed by its owner
+    if exact and compress(out) != data:
         return decode_exact(data, raw_length, head, where)
-    return out.raw
+    return out
 
 
 def decode_exact(stored, raw_length: int, head: Header, where: str) -> bytes:

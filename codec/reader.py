@@ -228,7 +228,9 @@ class DcmFile:
     def _raw_blob(self, rec: Record, j: int, blob: dict) -> bytes:
         with naming(self.path):
             raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}", self.exact_blobs)
-        return bytes(raw)  # a raw-encoded blob may be a view: the caller gets bytes of its own
+        # A raw-encoded blob may be a view: the caller gets bytes of its own (a decoded rANS blob
+        # already is: a bytearray nobody else holds, not copied again).
+        return raw if isinstance(raw, bytearray) else bytes(raw)
 
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
         """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""
