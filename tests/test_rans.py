@@ -10,17 +10,19 @@ how the writer picks an encoding and counts it in budgets and versions.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dcm
-from dcm import blobs, rans
+from dcm import blobs, errors, rans
 from dcm.cli import main
 from dcm.constants import Encoding
 from dcm.errors import PayloadError
 
 import spec_oracle
+import test_vectors as tv
 from conftest import write_checkpoint
 
 
@@ -74,6 +76,33 @@ def test_numpy_decoder_stands_in_for_a_missing_library(monkeypatch):
     assert not rans.available() and rans.compress(raw) is None
     assert rans.decode(stored, len(raw), "w") == raw
     assert blobs.encode(raw, 3)[0] != Encoding.RANS  # nothing to write rans with
+
+
+RANS_VECTORS = [v for v in tv.MANIFEST if Path(v["path"]).stem.startswith("rans-")
+                or Path(v["path"]).parent.name.startswith("rans-")]
+# (vector, procedure): valid ones in both procedures of spec 19.3, faulty ones in their own
+RANS_CASES = [(v, m) for v in RANS_VECTORS for m in ((v["mode"],) if v["tier"] == "faulty" else ("reader", "verifier"))]
+
+
+@pytest.mark.parametrize("vector, mode", RANS_CASES, ids=[f"{v['path']}-{m}" for v, m in RANS_CASES])
+def test_numpy_decoder_alone_meets_the_rans_vectors(monkeypatch, vector, mode):
+    """Without the native library (a machine where it is missing) dcm still reads every rans
+    vector to the expected bytes and rejects every faulty one with its error code: the
+    numpy decoder is a full decoder, not a helper of the native one."""
+    monkeypatch.setattr(rans, "_LIB", None)
+    assert not rans.available()
+    path = tv.VECTORS_DIR / vector["path"]
+    if vector["tier"] == "faulty":
+        with pytest.raises(errors.DcmError) as info:
+            tv.decode_with_dcm(path, None, mode)
+        assert info.value.code == vector["code"], info.value
+        return
+    expected = tv.load_expected(vector)
+    tensors, attachments = tv.decode_with_dcm(path, tv.VECTORS_DIR / vector["base"], mode)
+    assert list(tensors) == list(expected["tensors"])
+    for name, want in expected["tensors"].items():
+        tv.check_tensor(name, want, tensors[name])
+    assert {n: tv.sha(b) for n, b in attachments.items()} == expected["attachments"]
 
 
 def test_writer_takes_the_smallest_encoding():
