@@ -44,12 +44,13 @@ def _load():
         except OSError:
             continue
         lib.rans_compress_to_4x16.restype = ctypes.c_void_p
-        lib.rans_compress_to_4x16.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+        # Inputs go by address (c_void_p): the caller's buffer as it is, never a copy of it.
+        lib.rans_compress_to_4x16.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_char_p,
                                               ctypes.POINTER(ctypes.c_uint), ctypes.c_int]
         lib.rans_compress_bound_4x16.restype = ctypes.c_uint
         lib.rans_compress_bound_4x16.argtypes = [ctypes.c_uint, ctypes.c_int]
         lib.rans_uncompress_to_4x16.restype = ctypes.c_void_p
-        lib.rans_uncompress_to_4x16.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+        lib.rans_uncompress_to_4x16.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_char_p,
                                                 ctypes.POINTER(ctypes.c_uint)]
         return lib
     return None
@@ -66,15 +67,18 @@ def available() -> bool:
 def compress(raw) -> bytes | None:
     """The rans stream of ``raw`` (bytes-like), or None when the native coder is missing or
     ``raw`` is empty or too long for it."""
-    raw = bytes(raw)
-    if _LIB is None or not 0 < len(raw) <= MAX_RAW:
+    # No copy of the input, one of the output: a worker encoding a tensor's byte planes holds
+    # the raw plane, the library's buffer and the stream, not three copies of the plane.
+    src = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
+    if _LIB is None or not 0 < src.size <= MAX_RAW:
         return None
-    cap = _LIB.rans_compress_bound_4x16(len(raw), FLAGS)
+    cap = _LIB.rans_compress_bound_4x16(src.size, FLAGS)
     out = ctypes.create_string_buffer(cap)
     size = ctypes.c_uint(cap)
-    if not _LIB.rans_compress_to_4x16(raw, len(raw), out, ctypes.byref(size), FLAGS):
+    if not _LIB.rans_compress_to_4x16(src.ctypes.data, src.size, out, ctypes.byref(size), FLAGS):
         return None
-    stored = out.raw[:size.value]
+    stored = ctypes.string_at(out, min(size.value, cap))
+    del out
     # The library may fall back to 4 states on short inputs (flags 0x00), and stores data it
     # cannot shrink as is (flag 0x20): that is the raw encoding's job.
     return stored if stored[:1] and stored[0] in LANES else None
@@ -185,13 +189,14 @@ def decode(stored, raw_length: int, where: str, exact: bool = False) -> bytes:
         return decode_exact(stored, raw_length, head, where)
     out = bytearray(raw_length)  # the library writes straight into it: one copy of the raw bytes in memory
     size = ctypes.c_uint(raw_length)
-    data = bytes(stored)
+    data = np.frombuffer(memoryview(stored).cast("B"), dtype=np.uint8)  # read in place
     target = (ctypes.c_char * raw_length).from_buffer(out)
-    if not _LIB.rans_uncompress_to_4x16(data, len(data), target, ctypes.byref(size)) or size.value != raw_length:
+    if not _LIB.rans_uncompress_to_4x16(data.ctypes.data, data.size, target, ctypes.byref(size)) \
+            or size.value != raw_length:
         raise PayloadError(f"{where}: rans stream does not decode")
     del target  # releases the export, so ``out`` may be resized or freed by its owner
-    if exact and compress(out) != data:
-        return decode_exact(data, raw_length, head, where)
+    if exact and compress(out) != bytes(stored):
+        return decode_exact(stored, raw_length, head, where)
     return out
 
 
