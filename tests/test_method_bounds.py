@@ -43,7 +43,7 @@ from dcm.constants import Kind
 
 import spec_oracle
 from conftest import write_checkpoint
-from test_sparse_methods import lossy_cost, read_file
+from test_sparse_methods import LOSSY, lossy_cost, read_file
 
 SHAPES = {"a.weight": (256, 192), "b.weight": (192, 320), "c.weight": (128, 128)}
 METHODS = {  # label: (method, options)
@@ -145,7 +145,7 @@ def raw_cost(path) -> int:
     """Like ``lossy_cost``, but each blob at its raw (uncompressed) length."""
     _, index, _, _ = read_file(path)
     stored, _ = lossy_cost(path)
-    lossy = [r for r in index["tensors"] if r["kind"] in (4, 5, 6, 7, 8)]
+    lossy = [r for r in index["tensors"] if r["kind"] in LOSSY]
     return stored + sum(b["raw_length"] - b["length"] for r in lossy for b in r["blobs"])
 
 
@@ -157,7 +157,7 @@ def test_budget_counted_from_the_file(encoded, label, ratio):
     path, _, records = encoded(label, ratio)
     spent, params = lossy_cost(path)
     assert params == sum(m * n for m, n in SHAPES.values())
-    assert all(r.kind in (4, 5, 6, 7, 8) for r in records.values())
+    assert all(r.kind in LOSSY for r in records.values())
     budget = int(eval(ratio) * 16 * params) // 8  # noqa: S307 - a literal fraction
     if label == "bitdelta":  # planned on raw sizes (zstd then shrinks the zero scales of rows not coded)
         spent = raw_cost(path)

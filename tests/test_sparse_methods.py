@@ -36,7 +36,7 @@ def read_checkpoint(path) -> dict:
     return {name: array for name, (_, array) in read_tensors(path).items()}
 
 HEADER = struct.Struct("<8sHHIIIQQ20sI")
-LOSSY = {4, 5, 6, 7, 8}
+LOSSY = {4, 5, 6, 7, 8, 10}  # the lossy record kinds (10: lowrank-rotated)
 M64 = 2**64
 
 
