@@ -28,10 +28,16 @@ encoding.
 Rows, for each ``--ratios`` value (file sizes always come from ``dcm.info``);
 every row is a file that ``dcm.encode`` wrote at that ratio:
 
-- ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe, round-to-nearest;
+- ``rtn``:     Delta-CoMe, the paper's fixed 8/3/2-bit recipe and min–max grids, round-to-nearest;
 - ``gptq``:    the same recipe, quantized with GPTQ on the calibration statistics;
-- ``rd``:      rate–distortion bit allocation over the whole file, round-to-nearest (data-free);
-- ``rd-gptq``: the same allocation, quantized with GPTQ (``rd+gptq``);
+- ``rd``:      rate–distortion bit allocation over the whole file, min–max grids, round-to-nearest
+  (data-free), each blob in the smallest of raw, zstd and rANS;
+- ``rd-zstd``: the same with no rANS blob (``entropy=False``): the entropy-coding ablation;
+- ``rd-mse``:  each quantization group's grid clipped for least squared error (``clip="mse"``);
+- ``rd-rot``:  the singular vectors stored rotated (``rotation="hadamard"``, lowrank-rotated records);
+- ``rd-gptq``, ``rd-gptq-zstd``, ``rd-gptq-mse``, ``rd-gptq-rot``: the same four, quantized with GPTQ
+  (the clip search weighted by the input Hessian's diagonal);
+- ``default``: ``delta-come`` with no option (what a user gets);
 - ``impart``:  ImPart, sparse singular vectors in float16;
 - ``impart-qt``, ``impart-qt-gptq``: ImPart-Qt, the sparse vectors quantized 8/3/2 (RTN, GPTQ);
 - ``lowrank``: the top-k singular triplets in float16;
@@ -46,7 +52,8 @@ Delta-CoMe at the same ratio (the bytes of both files are in the lines).
 Columns: file bytes; bits per parameter of the whole file; bits per parameter
 of the coded tensors only (the lossy records; for a file without any, the
 2-D float matrices a lossy method would code); the mean relative Frobenius
-error ‖Δ̂ − Δ‖ / ‖Δ‖ over those tensors (fp64); the gain.
+error ‖Δ̂ − Δ‖ / ‖Δ‖ over those tensors (fp64); the gain; the seconds ``dcm.encode``
+took, and those of the whole row (encode, decode, embed).
 
     python benchmarks/quality.py                                   # every row, 1/8 .. 1/64
     python benchmarks/quality.py --rows lossless --ratios 1/16     # plumbing only
@@ -184,6 +191,7 @@ class Row:
     rel_error: float | None
     gain: float
     seconds: float
+    encode_seconds: float
     call: str
     note: str = ""
 
@@ -199,6 +207,7 @@ class Run:
     calib_tokens: int
     keep: bool
     files: dict = field(default_factory=dict)  # (label, ratio) -> encoded path
+    encode_seconds: dict = field(default_factory=dict)  # (label, ratio) -> seconds dcm.encode took
     stats: Path | None = None
 
     def gain(self, e_c: np.ndarray) -> float:
@@ -247,14 +256,19 @@ def encode(run: Run, label: str, method: str, ratio: str | None, options: dict) 
     kwargs = {"method": method, "overwrite": True}
     if ratio is not None:
         kwargs["ratio"] = ratio
+    options = dict(options)
+    if "entropy" in options:  # an argument of encode, not a method option
+        kwargs["entropy"] = options.pop("entropy")
     if options:
         if "options" not in inspect.signature(dcm.encode).parameters:
             raise UsageError(f"method {method!r}: this dcm.encode takes no options yet")
         kwargs["options"] = options
     call = f"dcm.encode(base, ft, {path.name!r}, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
     if (label, ratio) not in run.files:
+        started = time.perf_counter()
         dcm.encode(run.base, run.ft, path, **kwargs)
         run.files[(label, ratio)] = path
+        run.encode_seconds[(label, ratio)] = time.perf_counter() - started
     return run.files[(label, ratio)], call
 
 
@@ -305,17 +319,25 @@ def file_row(run: Run, label: str, method: str, ratio: str | None, options: dict
             shutil.copytree(decoded, run.out / f"{path.stem}.decoded", dirs_exist_ok=True)
     totals = info["totals"]
     return Row(label, ratio or "-", totals["file_bytes"], totals["bits_per_param"], _bits_coded(coded),
-               len(coded), rel, gain, time.perf_counter() - started, call)
+               len(coded), rel, gain, time.perf_counter() - started, run.encode_seconds[(label, ratio)], call)
 
 
 # --- the rows ------------------------------------------------------------------------------
 
-# label -> (method, options, calibrated): every row is a file written by dcm.encode.
+# label -> (method, options, calibrated): every row is a file written by dcm.encode.  The delta-come
+# rows spell out each choice (allocation, grids) so that each step of issue 18 has an ablation row.
 METHOD_ROWS = {
-    "rtn": ("delta-come rtn", "delta-come", {"alloc": "recipe"}, False),
-    "gptq": ("delta-come gptq", "delta-come", {"alloc": "recipe"}, True),
+    "rtn": ("delta-come recipe", "delta-come", {"alloc": "recipe"}, False),  # the paper: recipe, min-max
+    "gptq": ("delta-come recipe+gptq", "delta-come", {"alloc": "recipe"}, True),
+    "rd-zstd": ("delta-come rd zstd only", "delta-come", {"alloc": "rd", "entropy": False}, False),
     "rd": ("delta-come rd", "delta-come", {"alloc": "rd"}, False),
+    "rd-mse": ("delta-come rd mse-clip", "delta-come", {"alloc": "rd", "clip": "mse"}, False),
+    "rd-rot": ("delta-come rd rotated", "delta-come", {"alloc": "rd", "rotation": "hadamard"}, False),
+    "rd-gptq-zstd": ("delta-come rd+gptq zstd only", "delta-come", {"alloc": "rd", "entropy": False}, True),
     "rd-gptq": ("delta-come rd+gptq", "delta-come", {"alloc": "rd"}, True),
+    "rd-gptq-mse": ("delta-come rd+gptq mse-clip", "delta-come", {"alloc": "rd", "clip": "mse"}, True),
+    "rd-gptq-rot": ("delta-come rd+gptq rotated", "delta-come", {"alloc": "rd", "rotation": "hadamard"}, True),
+    "default": ("delta-come default", "delta-come", {}, False),
     "impart": ("impart", "impart", {}, False),
     "impart-qt": ("impart-qt rtn", "impart-qt", {}, False),
     "impart-qt-gptq": ("impart-qt gptq", "impart-qt", {}, True),
@@ -353,10 +375,10 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[Row]) -> str:
     headers = ["row", "ratio", "file bytes", "bits/param", "bits/param coded", "tensors",
-               "rel err", "gain", "seconds"]
+               "rel err", "gain", "encode s", "seconds"]
     cells = [[r.label, r.ratio, str(r.file_bytes), _fmt(r.bits_per_param, ".4f"),
               _fmt(r.bits_per_param_coded, ".4f"), str(r.coded_tensors), _fmt(r.rel_error, ".4f"),
-              _fmt(r.gain, ".4f"), f"{r.seconds:.1f}"] for r in rows]
+              _fmt(r.gain, ".4f"), f"{r.encode_seconds:.1f}", f"{r.seconds:.1f}"] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
 
     def line(values):
@@ -388,7 +410,7 @@ def compare(rows: list[Row]) -> list[str]:
     for (label, ratio), row in sorted(gain.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 0))):
         if not label.startswith("impart-qt"):
             continue
-        ref_label = "delta-come gptq" if label.endswith("gptq") else "delta-come rtn"
+        ref_label = "delta-come recipe+gptq" if label.endswith("gptq") else "delta-come recipe"
         ref = gain.get((ref_label, ratio))
         if ref is not None:
             lines.append(f"{label} at {row.ratio}: gain {row.gain:.4f} in {row.file_bytes} bytes; "

@@ -18,6 +18,10 @@ number of deltas K and tokens per delta T (batch K·T, tokens grouped by delta):
                  then x·Δ̂ᵀ (what a naive server does; ``--deq-dense-max-deltas`` limits it)
 - ``dense``:     base + per delta x·Δᵀ with Δ stored dense (16-bit on CUDA, float32
                  on the CPU): fast, but K dense copies of the layer in memory
+- ``rotated``:   ``packed`` with the same records read as ``lowrank-rotated`` (spec
+                 10.13, both sides rotated): the cost of rotating each token's input
+                 (x·R_Vᵀ) and the delta's output (·R_U) with the fast Walsh–Hadamard
+                 transform around the same kernels (``--no-rotated`` leaves it out)
 
 Every column of a row is timed the same way: one warm-up call each, then
 ``--repeats`` rounds that call every column once in turn (so load on a shared
@@ -31,6 +35,7 @@ with fewer repeats.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -45,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dcm import lowrank, quant  # noqa: E402
 from dcm.methods import deltacome  # noqa: E402
 from dcm.lowrank import Factor  # noqa: E402
-from dcm.runtime import LayerPack, Segments, packed, torch_backend  # noqa: E402
+from dcm.runtime import LayerPack, Segments, packed, rotation, torch_backend  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096))
 
@@ -102,7 +107,8 @@ def measure_columns(columns: dict, repeats: int, once) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeats, rng, deq_dense_max=None):
+def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeats, rng, deq_dense_max=None,
+                rotated=True):
     m, n = shape
     groups = one_sixteenth_groups(shape)
     kmax = max(deltas_list)
@@ -120,8 +126,11 @@ def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeat
     print(f"\n{m}x{n}: rank {groups[-1].stop}, groups {[g.as_param()[:3] for g in groups]}, "
           f"{len(recs[0].blob)} packed bytes per delta ({8 * len(recs[0].blob) / (m * n):.3f} bits/param), "
           f"dense 16-bit delta {2 * m * n} bytes", flush=True)
+    rotated_recs = [dataclasses.replace(r, kind=packed.Kind.LOWRANK_ROTATED, rotation=(1, 1, 1000 + i))
+                    for i, r in enumerate(recs)]
     for k in deltas_list:
         pack = LayerPack(shape, recs[:k], device)
+        pack_rot = LayerPack(shape, rotated_recs[:k], device) if rotated else None
         for t in tokens_list:
             ids = torch.arange(k, device=device).repeat_interleave(t)
             seg = Segments.of(ids, k)
@@ -133,6 +142,12 @@ def bench_shape(shape, deltas_list, tokens_list, backends, device, dtype, repeat
                     fn(pack, x, seg, y)
                     return y
                 columns[f"packed_{name}"] = run
+                if rotated:
+                    def run_rot(fn=apply_fns[name]):
+                        y = torch.nn.functional.linear(x, weight)
+                        rotation.apply(fn, pack_rot, x, seg, y)
+                        return y
+                    columns[f"rotated_{name}"] = run_rot
 
             def deq_fact():
                 y = torch.nn.functional.linear(x, weight)
@@ -189,6 +204,9 @@ def show(row, backends):
         s = row[f"packed_{name}_s"]
         parts.append(f"packed[{name}] {s * 1e3:8.3f} ms (+{100 * (s - base) / base:6.1f}%, "
                      f"{row['packed_bytes'] / s / 1e9:6.1f} GB/s)")
+        if f"rotated_{name}_s" in row:
+            r = row[f"rotated_{name}_s"]
+            parts.append(f"rotated[{name}] {r * 1e3:8.3f} ms ({r / s:5.2f}x packed)")
     parts.append(f"deq+fact {row['deq_fact_s'] * 1e3:8.2f} ms")
     if "deq_dense_s" in row:
         parts.append(f"deq+dense {row['deq_dense_s'] * 1e3:8.2f} ms")
@@ -216,6 +234,10 @@ def summary(rows, backends):
         speedups = [r["deq_dense_s"] / r[key] for r in rows if "deq_dense_s" in r]
         if speedups:
             print(f"  [{name}] deq+dense / packed: {min(speedups):.2f} .. {max(speedups):.2f}")
+        ratios = [r[f"rotated_{name}_s"] / r[key] for r in rows if f"rotated_{name}_s" in r]
+        if ratios:
+            print(f"  [{name}] rotated / packed: {min(ratios):.2f} .. {max(ratios):.2f} (median "
+                  f"{statistics.median(ratios):.2f}): what the Hadamard rotations of lowrank-rotated records cost")
 
 
 def main(argv=None):
@@ -231,6 +253,7 @@ def main(argv=None):
                     help="time the deq+dense column (the slowest) only for up to K deltas (0: never)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
                     "on a shared machine 1 thread keeps OpenMP barriers out of the figures")
+    ap.add_argument("--no-rotated", action="store_true", help="leave out the rotated column")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -248,7 +271,8 @@ def main(argv=None):
     for text in args.shapes.split(","):
         m, n = (int(v) for v in text.split("x"))
         rows += bench_shape((m, n), [int(v) for v in args.deltas.split(",")], [int(v) for v in args.tokens.split(",")],
-                            backends, device, dtype, repeats, rng, deq_dense_max=args.deq_dense_max_deltas)
+                            backends, device, dtype, repeats, rng, deq_dense_max=args.deq_dense_max_deltas,
+                            rotated=not args.no_rotated)
     summary(rows, backends)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))

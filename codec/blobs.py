@@ -1,8 +1,16 @@
-"""Blob encodings (spec section "Blobs"): raw, or one zstd frame with its content size.
+"""Blob encodings (spec section "Blobs"): raw, one zstd frame with its content size, or a rANS stream.
 
-Decoding never trusts the frame: the frame header must declare exactly the raw
-length the index records before anything is allocated, the frame must be the
-only thing in the blob, and the CRC-32 of the stored bytes is checked first.
+Decoding never trusts the stored bytes: a zstd frame header or a rANS header
+must declare exactly the raw length the index records before anything is
+allocated, the frame must be the only thing in the blob, and the CRC-32 of the
+stored bytes is checked first.
+
+The writer stores each blob in the smallest of its encodings: raw, zstd (at
+the level asked for) and, with ``entropy`` and where the native coder is
+installed (``rans.py``), rANS.  zstd wins where its matches find repeats (a
+byte plane of mostly zeros); an order-0 entropy coder wins on noisy planes
+and on the codes of quantized vectors, whose symbols are skewed but not
+repeated.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import zlib
 
 import zstandard
 
+from . import rans
 from .constants import Encoding
 from .errors import PayloadChecksumError, PayloadError, UnknownKindError
 
@@ -30,18 +39,25 @@ def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def encode(raw, level: int) -> tuple[int, bytes]:
-    """Choose the smaller of raw and zstd for ``raw``; return (encoding, stored bytes)."""
+def encode(raw, level: int, entropy: bool = True) -> tuple[int, bytes]:
+    """The smallest of raw, zstd (``level``; None: no compression) and, with ``entropy``, rANS:
+    (encoding, stored bytes).  Ties keep the earlier of raw, zstd, rANS."""
     raw = memoryview(raw).cast("B")
+    best = (Encoding.RAW, raw)
     if level is not None and len(raw) > 0:
         packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-        if len(packed) < len(raw):
-            return Encoding.ZSTD, packed
-    return Encoding.RAW, bytes(raw)
+        if len(packed) < len(best[1]):
+            best = (Encoding.ZSTD, packed)
+        if entropy:
+            coded = rans.compress(raw)
+            if coded is not None and len(coded) < len(best[1]):
+                best = (Encoding.RANS, coded)
+    return best[0], bytes(best[1])
 
 
-def decode(stored, blob: dict, where: str) -> bytes:
-    """Check and decode one blob's stored bytes into its raw bytes."""
+def decode(stored, blob: dict, where: str, exact: bool = False) -> bytes:
+    """Check and decode one blob's stored bytes into its raw bytes.  ``exact`` (a verifier) also
+    checks what a reader may skip: the end of a rANS stream (spec 8.2)."""
     if crc32(stored) != blob["crc32"]:
         raise PayloadChecksumError(f"{where}: payload CRC-32 mismatch")
     encoding, raw_length = blob["encoding"], blob["raw_length"]
@@ -51,6 +67,8 @@ def decode(stored, blob: dict, where: str) -> bytes:
         return stored
     if encoding == Encoding.ZSTD:
         return _decode_zstd(stored, raw_length, where)
+    if encoding == Encoding.RANS:
+        return rans.decode(stored, raw_length, where, exact=exact)
     raise UnknownKindError(f"{where}: unknown blob encoding {encoding}")
 
 

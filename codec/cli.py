@@ -92,11 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never apply the method to tensors matching these patterns")
     p.add_argument("--zstd-level", type=int, default=None, metavar="N",
                    help="zstd level 1..22 of every blob (default: 3, and 1 for the byte planes of exact deltas)")
+    p.add_argument("--no-entropy", action="store_true",
+                   help="store no blob rANS-coded, only zstd or raw (by default each blob takes the smallest; "
+                        "without rANS, codes stay fixed-width in the file for a server to read as they are)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT.dcm if it exists (a regular file, never an input)")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
-                   help="bit widths from the paper's fixed recipe (default) or by rate-distortion over the file")
+                   help="delta-come: bit widths by rate-distortion over the file (default) or the paper's "
+                        "fixed recipe (to reproduce the paper)")
+    g.add_argument("--clip", choices=("mse", "minmax"), default=None,
+                   help="delta-come: each quantization group's grid over its whole range (the paper's "
+                        "min-max, default) or clipped for least squared error")
+    g.add_argument("--rotation", choices=("none", "hadamard"), default=None,
+                   help="delta-come: store singular vectors rotated by a seeded randomized Hadamard transform "
+                        "(a lowrank-rotated record, format 1.3) or as they are (default)")
     g.add_argument("--svd", choices=("exact", "randomized"), default=None, help="SVD (default: exact)")
     g.add_argument("--calibration", default=None, metavar="STATS",
                    help="statistics from `dcm calibrate`: quantize with GPTQ instead of round-to-nearest")
@@ -228,7 +238,8 @@ def cmd_encode(args) -> int:
     from .info import one_in, sanitize
     from .methods import get_method
 
-    names = ("alloc", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power", "scales")
+    names = ("alloc", "clip", "rotation", "svd", "calibration", "recipe", "group_size", "mask", "seed", "beta", "power",
+             "scales")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     # Arguments first, before anything is read (the statistics file is opened by encode itself).
     get_method(args.method, {k: v for k, v in options.items() if k != "calibration"}, ratio=args.ratio,
@@ -244,7 +255,8 @@ def cmd_encode(args) -> int:
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
                     threads=args.threads, workers=args.workers, executor=executor, device=args.device,
-                    max_memory=args.max_memory, allow_uncoded=args.allow_uncoded)
+                    max_memory=args.max_memory, entropy=not args.no_entropy,
+                    allow_uncoded=args.allow_uncoded)
     if report.params:
         ratio = report.file_bytes / (2 * report.params)
         sizes = (f"{report.bits_per_param:.3f} bits/param, "

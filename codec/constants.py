@@ -9,7 +9,7 @@ import enum
 
 MAGIC = b"\x89DCM\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 2  # the newest minor version this code reads and writes
+VERSION_MINOR = 3  # the newest minor version this code reads and writes
 
 HEADER_SIZE = 64
 HEADER_CRC_OFFSET = 60  # the CRC-32 field; it covers header bytes [0, 60) then the index
@@ -45,6 +45,12 @@ class Encoding(enum.IntEnum):
 
     RAW = 0
     ZSTD = 1
+    RANS = 2  # an order-0 rANS stream (htscodecs' rANS Nx16, order 0, 4 or 32 states)
+
+
+# The minor version that defined each blob encoding (spec section 4: a file's minor version
+# covers its kinds and its encodings).
+ENCODING_MINOR = {Encoding.RAW: 0, Encoding.ZSTD: 0, Encoding.RANS: 3}
 
 
 class Kind(enum.IntEnum):
@@ -58,6 +64,7 @@ class Kind(enum.IntEnum):
     SIGN = 6  # W_base + scale·sign (BitDelta)
     LOWRANK = 7  # W_base + U·diag(S)·Vᵀ, U and V in float16
     SPARSE = 8  # W_base + the kept elements of Δ (DARE)
+    LOWRANK_ROTATED = 10  # lowrank-mixed whose singular vectors are stored rotated (randomized Hadamard)
 
 
 KIND_NAMES = {
@@ -69,15 +76,17 @@ KIND_NAMES = {
     Kind.SIGN: "sign",
     Kind.LOWRANK: "lowrank",
     Kind.SPARSE: "sparse",
+    Kind.LOWRANK_ROTATED: "lowrank-rotated",
 }
 
 # The minor version that defined each kind: a writer writes the lowest minor version
 # covering the kinds its file uses (spec section 4), so lossless files stay 1.0.
 KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1,
-              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2}
+              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2, Kind.LOWRANK_ROTATED: 3}
 
 # Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors).
-LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE})
+LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE,
+                         Kind.LOWRANK_ROTATED})
 
 
 class Transform(enum.IntEnum):
@@ -97,6 +106,14 @@ class Packing(enum.IntEnum):
 class Layout(enum.IntEnum):
     PLAIN = 0  # one blob: the elements, little-endian, C order
     BYTE_PLANES = 1  # one blob per byte of the element, least significant byte first
+
+
+class Rotation(enum.IntEnum):
+    """How the singular vectors of one side of a lowrank-rotated record are rotated (params
+    "v_rotation", "u_rotation")."""
+
+    NONE = 0  # stored as they are
+    HADAMARD = 1  # randomized block Hadamard from the record's seed (spec section 10.14)
 
 
 class MaskEncoding(enum.IntEnum):

@@ -161,10 +161,11 @@ class ContainerWriter:
     """
 
     def __init__(self, path, *, zstd_level: int | None = 3, alignment: int = DEFAULT_ALIGNMENT,
-                 overwrite: bool = False, inputs=None):
+                 overwrite: bool = False, inputs=None, entropy: bool = True):
         self.output = Output(path, kind="file", inputs=inputs, overwrite=overwrite)
         self.path = self.output.given
         self.zstd_level = zstd_level
+        self.entropy = entropy
         self.alignment = alignment
         fd, self._payload_path = self.output.temp_file("payload")
         self._payload = os.fdopen(fd, "w+b")
@@ -173,7 +174,7 @@ class ContainerWriter:
     def add_blob(self, raw, *, compress: bool = True) -> dict:
         """Append one blob (zstd when that is smaller); return its index entry."""
         raw = memoryview(raw).cast("B")
-        encoding, stored = blobs.encode(raw, self.zstd_level if compress else None)
+        encoding, stored = blobs.encode(raw, self.zstd_level if compress else None, self.entropy)
         return self._append(int(encoding), stored, len(raw), blobs.crc32(stored))
 
     def add_stored(self, blob) -> dict:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import compute, coverage, jobs, methods
 from ._version import __version__
 from .checkpoint import Checkpoint
-from .constants import KIND_MINOR, VERSION_MAJOR, Kind
+from .constants import ENCODING_MINOR, KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
 from .coverage import Coverage
 from .errors import CoverageError, UsageError
@@ -67,6 +67,12 @@ def _base_ref(info, sha: bytes) -> dict:
     return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
 
 
+def format_minor(records, attachments) -> int:
+    """The lowest minor version that defines every kind and blob encoding the file uses (spec 4)."""
+    encodings = [b["encoding"] for r in records for b in r["blobs"]] + [a["blob"]["encoding"] for a in attachments]
+    return max([0] + [KIND_MINOR[r["kind"]] for r in records] + [ENCODING_MINOR[e] for e in encodings])
+
+
 def _check_coverage(cov: Coverage) -> None:
     problems = cov.problems()
     if problems:
@@ -79,14 +85,17 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
            options: dict | None = None, zstd_level: int | None = None, overwrite: bool = False,
            progress: bool = False, creator: str | None = None, threads: int | None = None,
            workers: int | None = None, executor=None, device: str | None = None,
-           max_memory: int | None = None, allow_uncoded: bool = True) -> EncodeReport:
+           max_memory: int | None = None, allow_uncoded: bool = True,
+           entropy: bool = True) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
     ``include`` / ``exclude``: a glob or a list of globs.  The report's ``coverage``
     says what a lossy method coded; with ``allow_uncoded=False`` (the CLI's
     default) a lossy encode that codes no tensor, or whose file takes more than
-    twice its budget, raises CoverageError and writes nothing.
+    twice its budget, raises CoverageError and writes nothing.  ``entropy=False`` stores no
+    blob rANS-coded (zstd or raw only: fixed-width codes a server reads without an entropy
+    decoder, spec 8.2).
     ``zstd_level`` (1..22) applies to every blob; by default packed codes get 3 and the
     byte planes of exact records 1 (``methods.base.DEFAULT_PLANE_ZSTD_LEVEL``).
     Tensors are coded ``threads`` at a time in this process (default: one per core,
@@ -98,6 +107,7 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
     started = time.perf_counter()
     profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
+    profile.entropy = bool(entropy)
     device = compute.check_device(device)
     for label, value in (("threads", threads), ("workers", workers)):
         if value is not None and (not isinstance(value, int) or value < (0 if label == "workers" else 1)):
@@ -105,7 +115,8 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
     timings: dict = {}
     inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite, inputs=inputs) as writer:
+            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite, inputs=inputs,
+                            entropy=bool(entropy)) as writer:
         tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
         actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
                    for t in tensors]
@@ -133,15 +144,16 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         if profile.selection.include or profile.selection.exclude:
             config["selection"] = profile.selection.get_config()
         refs = [(r["name"], r["base"]["sha256"]) for r in records if "base" in r]
+        # Checkpoint lists only files within MAX_ATTACHMENT_BYTES, refuses one that grew.
+        attachments = [{"name": rel, "blob": writer.add_blob(ft_ckpt.read_attachment(rel))}
+                       for rel in ft_ckpt.attachments()]
         index = {
-            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in records])],
+            "format": [VERSION_MAJOR, format_minor(records, attachments)],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},
             "tensors": records,
-            "attachments": [{"name": rel, "blob": writer.add_blob(ft_ckpt.read_attachment(rel))}
-                            # Checkpoint lists only files within MAX_ATTACHMENT_BYTES, refuses one that grew.
-                            for rel in ft_ckpt.attachments()],
+            "attachments": attachments,
         }
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)

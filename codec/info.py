@@ -183,6 +183,8 @@ def info(path) -> dict:
                 "file_length": header.file_length,
             },
             "method": {"name": meta["method"], "params": meta["params"]},
+            "choices": _choices(meta["params"], by_kind),
+            "encodings": _encodings(dcm),
             "creator": meta["creator"],
             "base_digest": meta["base_digest"],
             "checkpoint_metadata": meta["checkpoint_metadata"],
@@ -240,6 +242,28 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _choices(params: dict, by_kind: dict) -> dict | None:
+    """How a quantizing method chose its codes (quantizer, grids, rotation), from method.params and the
+    records: None for a method that quantizes nothing."""
+    if "quantizer" not in params and "lowrank-rotated" not in by_kind:
+        return None
+    return {"quantizer": params.get("quantizer"), "clip": params.get("clip"), "rotation": params.get("rotation"),
+            "alloc": params.get("alloc"),
+            "rotated_records": by_kind.get("lowrank-rotated", {}).get("records", 0)}
+
+
+def _encodings(dcm) -> dict:
+    """Blobs per encoding (records and attachments): count, stored and raw bytes."""
+    out = {}
+    blobs = [b for rec in dcm.records() for b in rec.blobs] + [a["blob"] for a in dcm.index.get("attachments", [])]
+    for blob in blobs:
+        e = out.setdefault(_encoding(blob["encoding"]), {"blobs": 0, "stored_bytes": 0, "raw_bytes": 0})
+        e["blobs"] += 1
+        e["stored_bytes"] += blob["length"]
+        e["raw_bytes"] += blob["raw_length"]
+    return out
+
+
 def format_info(d: dict) -> str:
     """A readable report of ``info()``'s dict; strings from the file are escaped."""
     s = sanitize
@@ -253,6 +277,14 @@ def format_info(d: dict) -> str:
         f"creator:     {s(d['creator'])}",
         f"base digest: {d['base_digest']}",
     ]
+    c = d.get("choices")
+    if c:
+        lines.append(f"choices:     quantizer {s(c['quantizer'] or '-')}, grids {s(c['clip'] or 'minmax')}, "
+                     f"rotation {s(c['rotation'] or 'none')} ({c['rotated_records']} lowrank-rotated records), "
+                     f"allocation {s(c['alloc'] or '-')}")
+    if d.get("encodings"):
+        lines.append("blobs:       " + ", ".join(f"{name} {e['blobs']} ({e['stored_bytes']} of {e['raw_bytes']} B)"
+                                                for name, e in d["encodings"].items()))
     if d["checkpoint_metadata"]:
         meta = ", ".join(f"{s(k)}={s(v)}" for k, v in d["checkpoint_metadata"].items())
         lines.append(f"metadata:    {meta}")

@@ -164,7 +164,7 @@ def code_tensor(session: Session, job: Job) -> TensorResult:
     # Byte planes (exact records) and packed codes compress best with different zstd settings.
     level = method.plane_zstd_level if kind in (Kind.DENSE_DELTA, Kind.FULL) else method.zstd_level
     for raw in raws:
-        encoding, data = blobs.encode(raw, level)
+        encoding, data = blobs.encode(raw, level, method.entropy)
         stored.append(StoredBlob(int(encoding), data, memoryview(raw).nbytes, blobs.crc32(data)))
     del raws
     holds = job.action is Action.LOSSY and job.plan is not None and method.holds_with_more_budget(job.plan, params)

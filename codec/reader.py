@@ -138,6 +138,9 @@ def _check_array(name: str, base) -> None:
 class DcmFile:
     """An open .dcm file.  Use ``dcm.open(path)``, preferably as a context manager."""
 
+    # A verifier sets this: blobs are then decoded with the checks a reader may skip (spec 8.2).
+    exact_blobs = False
+
     def __init__(self, path):
         with naming(path):
             self._file = ContainerFile(path)
@@ -208,7 +211,7 @@ class DcmFile:
         except KeyError:
             raise UsageError(f"{self.path}: no attachment named {name!r}") from None
         with naming(self.path):
-            return bytes(blobs.decode(self._file.stored(blob), blob, f"attachment {name!r}"))
+            return bytes(blobs.decode(self._file.stored(blob), blob, f"attachment {name!r}", self.exact_blobs))
 
     # --- payloads -----------------------------------------------------------------
 
@@ -224,8 +227,10 @@ class DcmFile:
 
     def _raw_blob(self, rec: Record, j: int, blob: dict) -> bytes:
         with naming(self.path):
-            raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}")
-        return bytes(raw)  # a raw-encoded blob may be a view: the caller gets bytes of its own
+            raw = blobs.decode(self._file.stored(blob), blob, f"tensor {rec.name!r} blob {j}", self.exact_blobs)
+        # A raw-encoded blob may be a view: the caller gets bytes of its own (a decoded rANS blob
+        # already is: a bytearray nobody else holds, not copied again).
+        return raw if isinstance(raw, bytearray) else bytes(raw)
 
     def tensor(self, name: str, base: np.ndarray | None = None, *, check_base: bool = True) -> np.ndarray | None:
         """The fine-tuned tensor, as a storage array (BF16 as uint16); None for ``removed``."""

@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import baseline_payloads, dtypes, lowrank, masks, sections, sparse_lowrank
-from .constants import (MAX_ELEMENTS, KIND_NAMES, Kind, Layout, MaskEncoding, Packing, SignScales,
+from . import baseline_payloads, dtypes, lowrank, masks, rotation, sections, sparse_lowrank
+from .constants import (MAX_ELEMENTS, KIND_NAMES, Kind, Layout, MaskEncoding, Packing, Rotation, SignScales,
                         Transform)
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
@@ -348,6 +348,57 @@ class LowrankMixed(AdditiveKind):
         return lowrank.delta(shape, groups, s, factors)
 
 
+class LowrankRotated(LowrankMixed):
+    """lowrank-mixed whose stored vectors are R·v and R·u (``rotation.py``): Δ̂ = Rₘᵀ·Ẑᵤᵀ·diag(S)·Ẑᵥ·Rₙ."""
+
+    number = Kind.LOWRANK_ROTATED
+    ROTATION_KEYS = ("packing", "v_rotation", "u_rotation", "seed")
+
+    @staticmethod
+    def encode(shape, groups, s, factors, v_rotation: int, u_rotation: int, seed: int):
+        params, raws = LowrankMixed.encode(shape, groups, s, factors)
+        return {"packing": params["packing"], "v_rotation": int(v_rotation), "u_rotation": int(u_rotation),
+                "seed": int(seed), "groups": params["groups"]}, raws
+
+    @classmethod
+    def parse_params(cls, rec, where) -> list:
+        """The bit groups, after the params of spec 10.14 in the order of its table."""
+        params = rec["params"]
+        expected = {*cls.ROTATION_KEYS, "groups"}
+        if set(params) != expected:
+            unknown = sorted(set(params) - expected)
+            raise IndexSchemaError(f"index: {where}.params: " + (f"unknown key {unknown[0]!r}" if unknown else
+                                   f"missing required key {sorted(expected - set(params))[0]!r}"))
+        scalar = {**rec, "params": {k: params[k] for k in cls.ROTATION_KEYS}}
+        _check_params(scalar, where, {"packing": {Packing.LSB_FIRST}, "v_rotation": set(Rotation),
+                                      "u_rotation": set(Rotation)}, {"seed": range(2**64)})
+        return lowrank.parse_group_list(params["groups"], rec["shape"], where)
+
+    def validate(self, rec, where):
+        self._check_record(rec, where)
+        groups = self.parse_params(rec, where)
+        self._check_lengths(rec, where, [lowrank.blob_size(rec["shape"], groups)] if groups else [])
+
+    def factors(self, rec, raws):
+        """(Û (k, m), S, V̂ (k, n)) in float32, unrotated; and the stored (rotated) ones."""
+        shape = tuple(rec["shape"])
+        groups = self.parse_params(rec, rec["name"])
+        raw = _one_raw(raws)
+        if not groups:
+            empty = (np.zeros((0, shape[0]), np.float32), np.zeros(0, np.float32), np.zeros((0, shape[1]), np.float32))
+            return empty, empty
+        s, factors = lowrank.unpack_blob(raw, shape, groups, rec["name"])
+        zu, s, zv = lowrank.dequantized_factors(shape, groups, s, factors)
+        p = rec["params"]
+        u = rotation.unrotate(zu, p["seed"], "U") if p["u_rotation"] == Rotation.HADAMARD else zu
+        v = rotation.unrotate(zv, p["seed"], "V") if p["v_rotation"] == Rotation.HADAMARD else zv
+        return (u, s, v), (zu, s, zv)
+
+    def delta(self, rec, raws) -> np.ndarray:
+        (u, s, v), _ = self.factors(rec, raws)
+        return (u.T * s) @ v
+
+
 class SparseLowrank(AdditiveKind):
     """W_base + Û·diag(S)·V̂ᵀ with sparse singular vectors (ImPart; ``sparse_lowrank.py``)."""
 
@@ -443,7 +494,7 @@ class Sparse(AdditiveKind):
 
 
 KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed(), LowrankMixed(), SparseLowrank(),
-                                                      Sign(), Lowrank(), Sparse())}
+                                                      Sign(), Lowrank(), Sparse(), LowrankRotated())}
 
 
 def kind_of(rec: dict, where: str) -> RecordKind:

@@ -61,6 +61,7 @@ def verify(path, base=None, progress: bool = False) -> VerifyReport:
     """Check ``path`` fully; with ``base`` (model dir or .safetensors), decode against it too."""
     started = time.perf_counter()
     with DcmFile(path) as dcm:
+        dcm.exact_blobs = True  # the end of every rANS stream too (spec 8.2, a verifier's checks)
         if not dcm.padding_is_zero():
             raise LayoutError(f"{dcm.path}: padding bytes between index and payloads or between "
                               f"payloads are not zero")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .packed import DenseRecord, FactorRecord, SignRecord
+from .rotation import SideRotation
 
 GROUP_COLUMNS = ("delta", "start", "count", "bits", "group_size", "v_codes", "v_scales", "v_zeros",
                  "u_codes", "u_scales", "u_zeros", "s")
@@ -76,6 +77,11 @@ class LayerPack:
         self.sign_recs = {d: r for d, r in enumerate(recs) if isinstance(r, SignRecord)}
         self.dense = {d: torch.from_numpy(r.delta).to(device) for d, r in enumerate(recs)
                       if isinstance(r, DenseRecord)}
+        # lowrank-rotated deltas: (V side, U side) rotations applied to activations (``rotation.py``)
+        m, n = self.shape
+        self.rotations = {d: (SideRotation(n, r.rotation[2], "V", device) if r.rotation[0] else None,
+                              SideRotation(m, r.rotation[2], "U", device) if r.rotation[1] else None)
+                          for d, r in self.factors.items() if r.rotation is not None and any(r.rotation[:2])}
         self._build(device)
 
     def _build(self, device):
@@ -132,5 +138,9 @@ class LayerPack:
         for name in ("data", "groups", "delta_groups", "signs"):
             setattr(self, name, getattr(self, name).to(device))
         self.dense = {d: t.to(device) for d, t in self.dense.items()}
+        for sides in self.rotations.values():
+            for side in sides:
+                if side is not None:
+                    side.to(device)
         self._work = {}
         return self

@@ -18,6 +18,7 @@ Backends: ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import numpy as np
@@ -30,10 +31,10 @@ from dcm.constants import Kind
 from dcm.errors import UsageError, WrongBaseError
 from dcm.reader import DcmFile, check_base_tensor
 
-from . import packed, torch_backend
+from . import packed, rotation, torch_backend
 from .layer import LayerPack, Segments
 
-PACKED_KINDS = (Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK)
+PACKED_KINDS = (Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.LOWRANK_ROTATED)
 BACKENDS = ("auto", "torch", "triton")
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -47,8 +48,8 @@ def _apply_fn(backend: str, device: torch.device):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU")
         from . import triton_backend  # imported late: Triton reads TRITON_INTERPRET at import
-        return triton_backend.apply
-    return torch_backend.apply
+        return functools.partial(rotation.apply, triton_backend.apply)
+    return functools.partial(rotation.apply, torch_backend.apply)
 
 
 class DeltaLinear(nn.Module):

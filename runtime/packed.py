@@ -36,7 +36,7 @@ from dcm.errors import UsageError
 
 FLOAT16_BITS = 16  # a group whose "codes" are float16 values (no scales, no zero points)
 FLOAT32_BITS = 32  # ... float32 values (expanded sparse-lowrank groups that were quantized)
-FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)
+FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK, Kind.LOWRANK_ROTATED)
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class FactorRecord:
     blob: bytes  # S (rank float32) at offset 0, then the groups' sections
     groups: list[Group]
     kind: int
+    rotation: tuple | None = None  # lowrank-rotated: (v_rotation, u_rotation, seed); the blob holds R·v, R·u
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +120,18 @@ def mixed_record(shape, groups: list, blob: bytes, where: str = "record") -> Fac
         out.append(Group(g.start, g.count, g.bits, g.group_size, at["V.codes"], at["V.scales"],
                          at["V.zeros"], at["U.codes"], at["U.scales"], at["U.zeros"]))
     return FactorRecord(tuple(shape), groups[-1].stop if groups else 0, bytes(blob), out, Kind.LOWRANK_MIXED)
+
+
+def _rotated(dcm_file, rec) -> FactorRecord:
+    """A lowrank-rotated record: the lowrank-mixed blob of the rotated vectors, and how they were rotated
+    (the runtime rotates activations instead: ``rotation.py``)."""
+    from dcm.records import LowrankRotated
+
+    groups = LowrankRotated.parse_params({"params": rec.params, "shape": list(rec.shape)}, rec.name)
+    out = mixed_record(tuple(rec.shape), groups, _one_blob(dcm_file, rec), rec.name)
+    p = rec.params
+    out.kind, out.rotation = Kind.LOWRANK_ROTATED, (p["v_rotation"], p["u_rotation"], p["seed"])
+    return out
 
 
 def _lowrank(dcm_file, rec) -> FactorRecord:
@@ -181,7 +194,7 @@ def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None):
     if len(rec.shape) != 2:
         raise UsageError(f"{dcm_file.path}: tensor {name!r} of shape {list(rec.shape)} is not a linear weight")
     loaders = {Kind.LOWRANK_MIXED: _mixed, Kind.LOWRANK: _lowrank, Kind.SPARSE_LOWRANK: _sparse_lowrank,
-               Kind.SIGN: _sign}
+               Kind.SIGN: _sign, Kind.LOWRANK_ROTATED: _rotated}
     if rec.kind in loaders:
         return loaders[rec.kind](dcm_file, rec)
     if rec.kind == Kind.SPARSE:

@@ -66,7 +66,9 @@ def factor_delta(pack: LayerPack, d: int) -> tuple[torch.Tensor, torch.Tensor, t
         us.append(dequantize(pack.data, uc, usc, uz, count, m, bits, gsz))
     rank = pack.factors[d].rank
     s = _view(pack.data, s_at, rank, torch.float32)
-    return torch.cat(us), s, torch.cat(vs)
+    u, v = torch.cat(us), torch.cat(vs)
+    v_rot, u_rot = pack.rotations.get(d, (None, None))  # lowrank-rotated: the stored vectors are R·v, R·u
+    return (u if u_rot is None else u_rot.unrotate(u)), s, (v if v_rot is None else v_rot.unrotate(v))
 
 
 def _with_tokens(recs: dict, seg: Segments):

@@ -48,6 +48,11 @@ def main() -> int:
             print(f"setup: FAIL: cannot import {line}", file=sys.stderr)
         print(f"setup: FAIL: {len(failed)} of {len(REQUIRED)} required modules do not import", file=sys.stderr)
         return 1
+    from dcm import rans
+    if not rans.available():  # dcm works without it (zstd only, numpy rANS decoding), the tests do not
+        print("setup: FAIL: the native rANS coder (libhtscodecs.so.2, Debian's libhtscodecs2) does not load",
+              file=sys.stderr)
+        return 1
     shown = ", ".join(f"{n} {versions[n]}" for n in ("dcm", "torch", "triton", "transformers", "numpy", "ray"))
     print(f"setup: ok: all {len(REQUIRED)} required modules import: {shown}")
     return 0

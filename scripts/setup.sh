@@ -28,6 +28,20 @@ fi
 echo "setup: installing dcm (editable) with extras [runtime,hf,ray,test]"
 "${PIP[@]}" -e ".[runtime,hf,ray,test]"
 
+# The native rANS coder of the `rans` blob encoding (spec 8.2): htscodecs, a C library that
+# Debian packages; dcm loads it with ctypes.  Without it dcm writes no rans blob and decodes
+# them in numpy (slowly); the tests want it.
+if ! "$PYTHON" -c 'import sys, dcm.rans as r; sys.exit(0 if r.available() else 1)' 2>/dev/null; then
+    echo "setup: installing libhtscodecs2 (native rANS coder)"
+    if command -v apt-get >/dev/null; then
+        apt-get install -y -qq libhtscodecs2 >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libhtscodecs2 >/dev/null 2>&1; } \
+            || echo "setup: apt-get could not install libhtscodecs2"
+    else
+        echo "setup: no apt-get: install htscodecs (libhtscodecs.so.2) with the system's package manager"
+    fi
+fi
+
 # 3. every required module must import (torch, triton, transformers, ...): a missing
 #    one fails here, not as tests that skip later.
 "$PYTHON" scripts/check_imports.py

@@ -217,7 +217,7 @@ def test_recipe_layout_with_room_to_spare(tmp_path):
     """At ratio 1 every vector fits: 2 at 8 bit, 32 at 3 bit, the rest at 2 bit, in that order."""
     base_dir, ft_dir, *_ = make_pair(tmp_path, {"w": (96, 80)})
     out = tmp_path / "x.dcm"
-    dcm.encode(base_dir, ft_dir, out, method="delta-come", ratio="1", options={"group_size": 16})
+    dcm.encode(base_dir, ft_dir, out, method="delta-come", ratio="1", options={"alloc": "recipe", "group_size": 16})
     assert record_groups(out) == {"w": [[0, 2, 8, 16], [2, 34, 3, 16], [34, 80, 2, 16]]}
     within_budget(out, Fraction(1))
     out2 = tmp_path / "y.dcm"
@@ -455,7 +455,7 @@ def test_decode_and_verify(tmp_path, dtype_name):
         assert np.linalg.norm(got - deltas[name]) < 0.5 * np.linalg.norm(deltas[name])
 
 
-@pytest.mark.parametrize("options", [{}, {"alloc": "rd"}, {"svd": "randomized"}])
+@pytest.mark.parametrize("options", [{}, {"alloc": "recipe"}, {"svd": "randomized"}, {"clip": "minmax"}])
 def test_encoding_is_deterministic(tmp_path, options):
     base_dir, ft_dir, *_ = make_pair(tmp_path, {"w": (96, 80), "v": (30, 64)})
     a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"

@@ -356,29 +356,33 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import dcm
     if __name__ == "__main__":
         base, ft, out, workers = sys.argv[1:5]
-        dcm.encode(base, ft, out, workers=int(workers), method=sys.argv[5], ratio=sys.argv[6] or None)
+        dcm.encode(base, ft, out, workers=int(workers), method=sys.argv[5], ratio=sys.argv[6] or None,
+                   options=json.loads(sys.argv[7]))
         status = open("/proc/self/status").read()
         main = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
         print(json.dumps({"main": main, "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """)
 
 
-def _peak_rss(tmp_path, base, ft, workers, method="lossless", ratio=""):
+def _peak_rss(tmp_path, base, ft, workers, method="lossless", ratio="", options=None):
     script = tmp_path / "measure.py"
     script.write_text(MEMORY_SCRIPT)
     out = subprocess.run([sys.executable, str(script), str(base), str(ft), str(tmp_path / "x.dcm"), str(workers),
-                          method, ratio], capture_output=True, text=True, check=True, cwd=tmp_path)
+                          method, ratio, json.dumps(options or {})], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     (tmp_path / "x.dcm").unlink()
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method, ratio", [("lossless", ""), ("delta-come", "1/16")])
-def test_workers_hold_one_tensor_each(tmp_path, method, ratio):
+@pytest.mark.parametrize("method, ratio, options", [("lossless", "", None), ("delta-come", "1/16", {"alloc": "recipe"}),
+                                                    ("delta-come", "1/16", {"alloc": "rd"})])
+def test_workers_hold_one_tensor_each(tmp_path, method, ratio, options):
     """RSS in a subprocess: --workers 2 over eight 16 MiB matrices against the same over 64 KiB ones.
 
     A worker holds one tensor's working set (lossless: its byte planes and their compressed copies;
-    delta-come: the estimate ``working_bytes`` the encoder admits jobs by); this process holds the
-    results in flight (2 per worker, written as soon as they are next in file order)."""
+    delta-come: the estimate ``working_bytes`` the encoder admits jobs by, and under ``rd`` the SVDs
+    it measured, kept for encoding: ``SvdCache``); this process holds the results in flight (2 per
+    worker, written as soon as they are next in file order)."""
     def make(root, rows):
         rng = np.random.default_rng(0)
         base = {f"layers.{i}.weight": ("F32", rng.standard_normal((rows, 1024)).astype(np.float32))
@@ -389,12 +393,15 @@ def test_workers_hold_one_tensor_each(tmp_path, method, ratio):
 
     (tmp_path / "small").mkdir()
     (tmp_path / "big").mkdir()
-    small = _peak_rss(tmp_path / "small", *make(tmp_path / "small", 16), 2, method, ratio)
-    big = _peak_rss(tmp_path / "big", *make(tmp_path / "big", 4096), 2, method, ratio)
+    small = _peak_rss(tmp_path / "small", *make(tmp_path / "small", 16), 2, method, ratio, options)
+    big = _peak_rss(tmp_path / "big", *make(tmp_path / "big", 4096), 2, method, ratio, options)
     tensor = 4096 * 1024 * 4
     from dcm.checkpoint import TensorInfo
-    working = methods.get_method(method, ratio=ratio or None).working_bytes(
+    working = methods.get_method(method, options, ratio=ratio or None).working_bytes(
         TensorInfo("x", "F32", (4096, 1024), tensor)) if method != "lossless" else 2 * tensor
+    if (options or {}).get("alloc") == "rd":  # a worker may have measured all eight: U, S and V of each
+        from dcm.methods.deltacome import SVD_CACHE_BYTES
+        working += min(SVD_CACHE_BYTES, 8 * 4 * (4096 * 1024 + 1024 + 1024 * 1024))
     assert big["worker"] - small["worker"] <= working + tensor // 2, (big, small, working)
     assert big["main"] - small["main"] <= 5 * tensor, (big, small)
 

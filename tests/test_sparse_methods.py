@@ -27,6 +27,7 @@ from dcm.lowrank import BitGroup
 from dcm.records import KINDS
 from dcm.sparse_lowrank import Payload, Values
 
+import spec_oracle
 from conftest import read_checkpoint as read_tensors
 from conftest import storage, write_checkpoint
 
@@ -35,7 +36,7 @@ def read_checkpoint(path) -> dict:
     return {name: array for name, (_, array) in read_tensors(path).items()}
 
 HEADER = struct.Struct("<8sHHIIIQQ20sI")
-LOSSY = {4, 5, 6, 7, 8}
+LOSSY = {4, 5, 6, 7, 8, 10}  # the lossy record kinds (10: lowrank-rotated)
 M64 = 2**64
 
 
@@ -100,6 +101,8 @@ def raw_blob(raw: bytes, data_start: int, blob: dict) -> bytes:
     stored = raw[data_start + blob["offset"]:data_start + blob["offset"] + blob["length"]]
     if blob["encoding"] == 1:
         return zstandard.ZstdDecompressor().decompress(stored, max_output_size=blob["raw_length"])
+    if blob["encoding"] == 2:  # rans (spec 8.2), by the independent decoder
+        return spec_oracle.dcmref.unrans(bytes(stored), blob["raw_length"], "blob")
     return stored
 
 

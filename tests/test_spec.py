@@ -218,7 +218,7 @@ def registry_name(member) -> str:
 
 @pytest.mark.parametrize("enum", [constants.Kind, constants.Encoding, constants.Transform,
                                   constants.Layout, constants.Packing, constants.MaskEncoding,
-                                  constants.SignScales])
+                                  constants.SignScales, constants.Rotation])
 def test_registry_tables(enum):
     rows = registry_table(enum.__name__)
     in_spec = {(int(r[0]), r[1]) for r in rows}

@@ -71,6 +71,17 @@ def lowrank_mixed_parts(rec, raws):
     return codes, f32(s, v, u)
 
 
+def lowrank_rotated_parts(rec, raws):
+    """Codes as lowrank-mixed; factors are S and the stored (rotated) vectors, dequantized (19.2)."""
+    if not rec.params["groups"]:
+        return b"", b""
+    groups = records.LowrankRotated.parse_params({"params": rec.params, "shape": list(rec.shape)}, rec.name)
+    s, factors = lowrank.unpack_blob(raws[0], rec.shape, groups, rec.name)
+    codes = b"".join(u8(fv.codes, fv.zeros, fu.codes, fu.zeros) for fv, fu in factors)
+    zu, s, zv = lowrank.dequantized_factors(rec.shape, groups, s, factors)
+    return codes, f32(s, zv, zu)
+
+
 def sparse_lowrank_parts(rec, raws):
     mask, seed, groups = sparse_lowrank.parse_params(rec.params, rec.shape, rec.name)
     if not groups:
@@ -116,7 +127,7 @@ def dense_parts(rec, raws):
 
 PARTS = {Kind.DENSE_DELTA: dense_parts, Kind.FULL: dense_parts, Kind.LOWRANK_MIXED: lowrank_mixed_parts,
          Kind.SPARSE_LOWRANK: sparse_lowrank_parts, Kind.SIGN: sign_parts, Kind.LOWRANK: lowrank_parts,
-         Kind.SPARSE: sparse_parts}
+         Kind.SPARSE: sparse_parts, Kind.LOWRANK_ROTATED: lowrank_rotated_parts}
 
 
 def decode_with_dcm(path: Path, base: Path | None, mode: str = "verifier") -> dict:
@@ -258,7 +269,16 @@ def test_manifest_is_complete():
             assert error_class(v["code"]).__name__ == v["error"]
     # every kind of the registry has a valid vector
     kinds = {t["kind"] for v in DECODABLE for t in load_expected(v)["tensors"].values()}
-    assert kinds == {"dense-delta", "full", "removed", "lowrank-mixed", "sparse-lowrank", "sign", "lowrank", "sparse"}
+    assert kinds == {"dense-delta", "full", "removed", "lowrank-mixed", "sparse-lowrank", "sign", "lowrank", "sparse",
+                     "lowrank-rotated"}
+    # every blob encoding of the registry is in a valid vector
+    encodings = set()
+    for v in DECODABLE:
+        with dcm.open(VECTORS_DIR / v["path"]) as f:
+            index = f.index
+        encodings |= {b["encoding"] for r in index["tensors"] for b in r["blobs"]}
+        encodings |= {a["blob"]["encoding"] for a in index.get("attachments", [])}
+    assert encodings == {0, 1, 2}
 
 
 def test_generator_reproduces_vectors():

@@ -71,8 +71,11 @@ class Candidates:
 
     @classmethod
     def measure(cls, name, dtype, shape, svd, widths, group_size, u_side=None, v_side=None,
-                zstd_level: int | None = None):
+                zstd_level: int | None = None, quantizer=None, entropy: bool = True):
         """Measure every option; with ``zstd_level``, bytes are what the codes take once compressed.
+
+        ``quantizer`` (``quantizers.py``; default min–max) is the one the record will use,
+        so the errors are those of its grids.
 
         zstd matters where a factor is mostly zeros (a word-embedding delta lives in
         the rows of the tokens seen in training): its blob may shrink severalfold.
@@ -88,12 +91,13 @@ class Candidates:
         s2 = svd.s[:k].astype(np.float64) ** 2
         wu, wv = weigh(u, u_side), weigh(v, v_side)
         dist, cost = [s2 * wu * wv], [0.0]
+        rtn = accel.rtn if quantizer is None else quantizer.rtn
         for b in widths:
-            qu, qv = accel.rtn(u, b, group_size), accel.rtn(v, b, group_size)
+            qu, qv = rtn(u, b, group_size), rtn(v, b, group_size)
             du = u - accel.dequantize(*qu, group_size)
             dv = v - accel.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
-            shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
+            shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level, entropy)
             cost.append(vector_bytes(shape, b, group_size) * shrink)
         return cls(name, dtype, tuple(shape), options, np.array(cost), np.stack(dist, axis=1))
 
@@ -104,13 +108,13 @@ class Candidates:
         return self.widths[np.argmin(self.dist + lam * self.cost, axis=1)]
 
 
-def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level) -> float:
+def _stored_share(shape, bits, group_size, s, qv, qu, zstd_level, entropy: bool = True) -> float:
     """stored / raw bytes of a blob holding every vector at ``bits`` (1.0 without zstd)."""
     if zstd_level is None:
         return 1.0
     group = [lowrank.BitGroup(0, len(s), bits, group_size)]
     raw = lowrank.pack_blob(shape, group, s, [(lowrank.Factor(*qv), lowrank.Factor(*qu))])
-    return len(blobs.encode(raw, zstd_level)[1]) / len(raw)
+    return len(blobs.encode(raw, zstd_level, entropy)[1]) / len(raw)
 
 
 def estimated_cost(c: Candidates, widths, record_cost, group_size) -> int:

@@ -92,6 +92,7 @@ class Method:
 
     name: str
     takes_ratio = False
+    entropy = True  # blobs may be stored rANS-coded when smaller (``encode(entropy=False)``: never)
     measures = False  # whether allocate() needs measure() of every planned matrix
     carries_leftover = False  # bytes a matrix cannot spend go to the matrices after it (encode's Ledger)
 
@@ -111,6 +112,8 @@ class Method:
 
     def get_config(self) -> dict:
         config = {"zstd_level": self.zstd_level, "dense_delta_transform": "sub-zigzag"}
+        if not self.entropy:  # the default (each blob's smallest encoding) goes unsaid
+            config["entropy"] = False
         if self.plane_zstd_level != self.zstd_level:
             config["zstd_level_planes"] = self.plane_zstd_level
         if self.ratio is not None:

@@ -152,7 +152,7 @@ class LowRank(BudgetedMethod):
         def build(k):
             raws = [baseline_payloads.pack_lowrank(shape, svd.s[:k], svd.u[:k], svd.v[:k])] if k else []
             return budget.coded(name, Kind.LOWRANK, dtype_name, shape, {"rank": k}, raws, self.zstd_level,
-                                info={"rank": k})
+                                info={"rank": k}, entropy=self.entropy)
         return budget.fit(build, knob_for, limit, lambda: build(0))
 
 
@@ -205,7 +205,8 @@ class Dare(BudgetedMethod):
                 raw = baseline_payloads.pack_sparse(count, MaskEncoding.BITMASK, keep, values)
                 options.append((self._params(MaskEncoding.BITMASK, 0, 0), raw))
             records = [budget.coded(name, Kind.SPARSE, dtype_name, shape, p, [raw], self.zstd_level,
-                                    info={"kept": int(keep.sum()), "drop": drop / 2**32, "mask": p["mask"]})
+                                    info={"kept": int(keep.sum()), "drop": drop / 2**32, "mask": p["mask"]},
+                                    entropy=self.entropy)
                        for p, raw in options]
             return min(records, key=lambda c: c.cost)
         return budget.fit(build, knob_for, limit, lambda: build(0))

@@ -45,16 +45,16 @@ class Coded:
     info: dict | None = None  # what the method chose, for tests and benchmarks (rank, sparsity...)
 
 
-def coded(name, kind, dtype_name, shape, params, raws, zstd_level: int, info=None) -> Coded:
+def coded(name, kind, dtype_name, shape, params, raws, zstd_level: int, info=None, entropy: bool = True) -> Coded:
     """A record and its exact cost once the writer stores its blobs."""
-    stored = [stored_length(r, zstd_level) for r in raws]
+    stored = [stored_length(r, zstd_level, entropy) for r in raws]
     return Coded(kind, params, raws, record_cost(name, kind, dtype_name, shape, params,
                                                  [len(r) for r in raws], stored), info)
 
 
-def stored_length(raw: bytes, zstd_level: int) -> int:
-    """Bytes the writer will store for ``raw`` (zstd when it is smaller)."""
-    return len(blobs.encode(raw, zstd_level)[1])
+def stored_length(raw: bytes, zstd_level: int, entropy: bool = True) -> int:
+    """Bytes the writer will store for ``raw`` (zstd or rANS when smaller)."""
+    return len(blobs.encode(raw, zstd_level, entropy)[1])
 
 
 def total_budget(ratio, tensors) -> int:

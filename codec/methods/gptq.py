@@ -22,6 +22,10 @@ import numpy as np
 from .. import quant
 
 
+def _minmax(x, bits, group_size, weights=None):
+    return quant.fit(x, bits, group_size)
+
+
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H): GPTQ's error weights."""
     h = np.array(h, dtype=np.float64)
@@ -60,16 +64,22 @@ def damped(h: np.ndarray, damp: float) -> np.ndarray:
     return h
 
 
-def quantize_rows(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int, damp: float = 0.01):
+def quantize_rows(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int, damp: float = 0.01,
+                  fit=None):
     """GPTQ of w (rows, n) against input Hessian h (n, n); ``bits`` per row.
 
     Returns (codes (rows, n), scales (rows, groups), zeros (rows, groups)).
     Blocks are one quantization group wide, so each group's scale is fitted on
-    values that already carry all earlier groups' error feedback.
+    values that already carry all earlier groups' error feedback.  ``fit`` is a
+    quantizer's ``fit(x, bits, group_size, weights)`` (``quantizers.py``; default
+    min–max); it is given the diagonal of h over the group, so a clip search
+    weighs each input's error by how much that input fires.
     """
+    fit = fit or _minmax
     w = np.array(w, dtype=np.float64)
     rows, n = w.shape
-    dead = np.diag(h) <= 0
+    hdiag = np.diag(h)
+    dead = hdiag <= 0
     w[:, dead] = 0  # inputs that never fire: any value is as good as 0
     hinv = _inverse_cholesky(h, damp)
     ng = quant.group_count(n, group_size)
@@ -80,7 +90,7 @@ def quantize_rows(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: in
         i2 = min(i1 + group_size, n)
         block = w[:, i1:i2].copy()
         err = np.zeros_like(block)
-        scale, zero = quant.fit(block, bits, i2 - i1)
+        scale, zero = fit(block, bits, i2 - i1, hdiag[i1:i2])
         scales[:, gi], zeros[:, gi] = scale[:, 0], zero[:, 0]
         for j in range(i2 - i1):
             col = block[:, j:j + 1]
@@ -94,11 +104,14 @@ def quantize_rows(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: in
 
 
 def quantize_columns(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size: int,
-                     damp: float = 0.01, block: int = 64):
+                     damp: float = 0.01, block: int = 64, fit=None):
     """GPTQ of the vectors of u (k, m) (columns of the layer Uᵀ) against h (k, k); ``bits`` per vector.
 
-    Returns (codes (k, m), scales (k, groups), zeros (k, groups)).
+    Returns (codes (k, m), scales (k, groups), zeros (k, groups)).  ``fit`` as in
+    ``quantize_rows``, unweighted: the m elements of a vector are output
+    dimensions, which the error reaches alike.
     """
+    fit = fit or _minmax
     w = np.array(w, dtype=np.float64)
     k, m = w.shape
     hinv = _inverse_cholesky(h, damp)
@@ -111,7 +124,7 @@ def quantize_columns(w: np.ndarray, h: np.ndarray, bits: np.ndarray, group_size:
         err = np.zeros((i2 - i1, m))
         for i in range(i1, i2):
             vec = w[i:i + 1]
-            scale, zero = quant.fit(vec, bits[i], group_size)
+            scale, zero = fit(vec, bits[i], group_size, None)
             q = quant.quantize(vec, scale, zero, bits[i], group_size)
             codes[i], scales[i], zeros[i] = q[0], scale[0], zero[0]
             e = (vec - quant.dequantize(q, scale, zero, group_size)) / hinv[i, i]

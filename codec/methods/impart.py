@@ -145,7 +145,7 @@ class ImPart(BudgetedMethod):
         if not k:
             params = self._params(MaskEncoding.HASH, seed, [])
             return budget.coded(name, Kind.SPARSE_LOWRANK, dtype_name, shape, params, [], self.zstd_level,
-                                info={"rank": 0, "alpha": alpha})
+                                info={"rank": 0, "alpha": alpha}, entropy=self.entropy)
         drops = np.array([masks.drop_threshold(x) for x in p], dtype=np.uint32)
         v_keep, u_keep = sparse_lowrank.hash_keep(seed, drops, shape)
         rescale = (1 / (1 - drops.astype(np.float64) / 2**32)).astype(np.float32)[:, None]
@@ -163,7 +163,7 @@ class ImPart(BudgetedMethod):
             records.append(budget.coded(
                 name, Kind.SPARSE_LOWRANK, dtype_name, shape, self._params(mask, mask_seed, groups), [raw],
                 self.zstd_level, info={"rank": k, "alpha": alpha, "mask": int(mask),
-                                       "kept": int(v_keep.sum() + u_keep.sum())}))
+                                       "kept": int(v_keep.sum() + u_keep.sum())}, entropy=self.entropy))
         return min(records, key=lambda c: c.cost)
 
     def quantize(self, name, shape, groups, s, v, u, v_keep, u_keep) -> list:

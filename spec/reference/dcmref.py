@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """dcmref: an independent reader, verifier and decoder of the `.dcm` format.
 
-Written from spec/dcm-format.md (version 1.2) alone, without the reference
+Written from spec/dcm-format.md (version 1.3) alone, without the reference
 package `dcm`.  Section numbers in comments ("§8") refer to that document.
 
     import dcmref
@@ -132,8 +132,9 @@ LOSSY_DTYPES = ("F32", "F16", "BF16")
 
 # §10 registry of kinds.
 KINDS = {1: "dense-delta", 2: "full", 3: "removed", 4: "lowrank-mixed",
-         5: "sparse-lowrank", 6: "sign", 7: "lowrank", 8: "sparse"}
-ENC_RAW, ENC_ZSTD = 0, 1          # §8
+         5: "sparse-lowrank", 6: "sign", 7: "lowrank", 8: "sparse", 10: "lowrank-rotated"}
+ENC_RAW, ENC_ZSTD, ENC_RANS = 0, 1, 2   # §8, §8.2
+ROT_NONE, ROT_HADAMARD = 0, 1     # §10.13
 PLAIN, BYTE_PLANES = 0, 1         # §10.2
 SUB_ZIGZAG = 1                    # §10.3
 LSB_FIRST = 1                     # §11
@@ -504,7 +505,7 @@ def check_layout(h, seq):
 def check_encodings(seq):
     """§8 / §16 step 7: what the index alone tells about each encoding."""
     for b in seq:
-        if b.encoding not in (ENC_RAW, ENC_ZSTD):
+        if b.encoding not in (ENC_RAW, ENC_ZSTD, ENC_RANS):
             raise UnknownKindError(f"{b.where}: unknown encoding {b.encoding}")
         if b.encoding == ENC_RAW and b.length != b.raw_length:
             raise PayloadError(f"{b.where}: raw blob with length != raw_length")
@@ -593,7 +594,103 @@ def read_blob(data, d, b):
         raise PayloadChecksumError(f"{b.where}: payload CRC-32 mismatch")
     if b.encoding == ENC_RAW:
         return bytes(stored)
+    if b.encoding == ENC_RANS:
+        return unrans(bytes(stored), b.raw_length, b.where)
     return unzstd(bytes(stored), b.raw_length, b.where)
+
+
+# ------------------------------------------------------------ §8.2 rANS
+
+def read_uint7(s, pos, what):
+    """§8.2 uint7: 7-bit groups, most significant first, bit 7 = more; 1 to 5 bytes."""
+    value = 0
+    for i in range(5):
+        if pos >= len(s):
+            raise PayloadError(f"{what}: rans stream ends inside a uint7")
+        c = s[pos]
+        pos += 1
+        if i == 0 and c == 0x80:
+            raise PayloadError(f"{what}: uint7 not in its shortest form")
+        value = (value << 7) | (c & 0x7F)
+        if not c & 0x80:
+            return value, pos
+    raise PayloadError(f"{what}: uint7 longer than 5 bytes")
+
+
+def unrans(s, raw_length, what):
+    """§8.2: flags, size, symbols, frequencies, states, then the decoding loop and
+    the end of the stream (this decoder always makes a verifier's checks)."""
+    if not s or s[0] not in (0x00, 0x04):
+        raise PayloadError(f"{what}: rans flags not 0x00 or 0x04")
+    lanes = 32 if s[0] == 0x04 else 4
+    n, pos = read_uint7(s, 1, what)
+    if n != raw_length:
+        raise PayloadError(f"{what}: rans size {n} != raw_length {raw_length}")
+    if not 1 <= n <= 2**31 - 2:
+        raise PayloadError(f"{what}: rans size {n} out of range")
+
+    def byte():
+        nonlocal pos
+        if pos >= len(s):
+            raise PayloadError(f"{what}: rans stream ends inside its symbol list")
+        pos += 1
+        return s[pos - 1]
+
+    present = [False] * 256
+    sym, run = byte(), 0
+    while True:
+        present[sym] = True
+        if run > 0:
+            run, sym = run - 1, sym + 1
+            if sym > 255:
+                raise PayloadError(f"{what}: rans symbol run past 255")
+            continue
+        nxt = byte()
+        if nxt == sym + 1:
+            sym, run = nxt, byte()
+        elif nxt == 0:
+            break
+        else:
+            sym = nxt
+    freq = [0] * 256
+    for sym in range(256):
+        if present[sym]:
+            freq[sym], pos = read_uint7(s, pos, what)
+            if freq[sym] < 1:
+                raise PayloadError(f"{what}: rans frequency 0")
+    total = sum(freq)
+    if total > 4096 or total & (total - 1):
+        raise PayloadError(f"{what}: rans frequencies total {total}")
+    freq = [f * (4096 // total) for f in freq]
+    cum = [0] * 257
+    for sym in range(256):
+        cum[sym + 1] = cum[sym] + freq[sym]
+    slot_symbol = bytearray(4096)
+    for sym in range(256):
+        slot_symbol[cum[sym]:cum[sym + 1]] = bytes([sym]) * freq[sym]
+    if pos + 4 * lanes > len(s):
+        raise PayloadError(f"{what}: rans stream ends inside its states")
+    x = list(struct.unpack_from(f"<{lanes}I", s, pos))
+    pos += 4 * lanes
+    if any(not (1 << 15) <= v < (1 << 31) for v in x):
+        raise PayloadError(f"{what}: rans state out of range")
+    out = bytearray(n)
+    for i in range(n):
+        j = i % lanes
+        k = x[j] & 4095
+        sym = slot_symbol[k]
+        out[i] = sym
+        x[j] = freq[sym] * (x[j] >> 12) + k - cum[sym]
+        if x[j] < (1 << 15):
+            if pos + 2 > len(s):
+                raise PayloadError(f"{what}: rans stream ends before its last symbol")
+            x[j] = (x[j] << 16) + s[pos] + (s[pos + 1] << 8)
+            pos += 2
+    if pos != len(s):
+        raise PayloadError(f"{what}: bytes after the end of the rans stream")
+    if any(v != 1 << 15 for v in x):
+        raise PayloadError(f"{what}: rans states do not end at 2^15")
+    return bytes(out)
 
 
 # ------------------------------------------------------ §11 bit packing
@@ -810,6 +907,21 @@ def open_lowrank_mixed(r):
     check_lossy_blob(r, groups[-1][1] if groups else 0, size, size)
 
 
+def open_lowrank_rotated(r):
+    """§10.13: as §10.7, params packing, v_rotation, u_rotation, seed, groups."""
+    check_matrix(r)
+    need_base_equal(r)
+    r.params_ = {}
+    check_params(r, [("packing", int_in(r, "packing", (LSB_FIRST,))),
+                     ("v_rotation", int_in(r, "v_rotation", (ROT_NONE, ROT_HADAMARD))),
+                     ("u_rotation", int_in(r, "u_rotation", (ROT_NONE, ROT_HADAMARD))),
+                     ("seed", int_range(r, "seed", 0, U64_MAX)),
+                     ("groups", lambda v: r.params_.update(groups=check_groups(r, v, False)))])
+    groups = r.params_["groups"]
+    size = place_sections(mixed_sizes(*r.shape, groups))[1]
+    check_lossy_blob(r, groups[-1][1] if groups else 0, size, size)
+
+
 def sl_sizes(k, m, n, mask, groups, cv, cu):
     """§10.9 sections; cv, cu: kept counts per vector (arrays of length k)."""
     sizes = [4 * k]
@@ -907,7 +1019,8 @@ def open_sparse(r):
 
 
 OPENERS = {1: open_dense_delta, 2: open_full, 3: open_removed, 4: open_lowrank_mixed,
-           5: open_sparse_lowrank, 6: open_sign, 7: open_lowrank, 8: open_sparse}
+           5: open_sparse_lowrank, 6: open_sign, 7: open_lowrank, 8: open_sparse,
+           10: open_lowrank_rotated}
 
 
 def open_record(r):
@@ -1038,6 +1151,43 @@ def mixed_vectors(parts, c, length, bits, gs, what):
     cols = np.arange(length) // gs
     vec = dequant(q, z[:, cols], scales[:, cols])
     return q, z, vec
+
+
+def hadamard_back(z, seed, side):
+    """§10.13 decoder direction Rᵀ·ẑ of each row of z, in float64: per block of b (the
+    largest power of two dividing the length), d_j · (1/√b) · Σ_q H_b[p, q] · ẑ[q]."""
+    k, length = z.shape
+    b = length & -length
+    c0 = 0 if side == "V" else 1 << 32
+    d = np.where(mask_hash(seed, np.arange(length, dtype=np.uint64) + np.uint64(c0)) >= (1 << 31), -1.0, 1.0)
+    p = np.arange(b)
+    h = np.array([[(-1.0) ** bin(int(i) & int(j)).count("1") for j in p] for i in p]) if b <= 1024 else None
+    blocks = z.astype(np.float64).reshape(k, length // b, b)
+    if h is not None:
+        y = blocks @ h.T
+    else:  # larger blocks: the same sum by the fast transform (H_b = [[H, H], [H, −H]])
+        y, half = blocks.copy(), 1
+        while half < b:
+            y = y.reshape(k, length // b, b // (2 * half), 2, half)
+            y = np.concatenate([y[:, :, :, :1] + y[:, :, :, 1:], y[:, :, :, :1] - y[:, :, :, 1:]], axis=3)
+            y, half = y.reshape(k, length // b, b), half * 2
+    return (y / np.sqrt(b)).reshape(k, length) * d
+
+
+def payload_lowrank_rotated(r, raws):
+    """§10.13: the blob of §10.7; factors are the stored vectors, Δ̂ from the rotated-back ones."""
+    payload = payload_lowrank_mixed(r, raws)
+    groups = r.params_["groups"]
+    m, n = r.shape
+    k = groups[-1][1] if groups else 0
+    if k == 0:
+        return payload
+    f = np.frombuffer(payload.factors, "<f4")
+    s, zv, zu = f[:k], f[k:k + k * n].reshape(k, n), f[k + k * n:].reshape(k, m)
+    p = r.params
+    v = hadamard_back(zv, p["seed"], "V") if p["v_rotation"] == ROT_HADAMARD else zv
+    u = hadamard_back(zu, p["seed"], "U") if p["u_rotation"] == ROT_HADAMARD else zu
+    return Payload(payload.codes, payload.factors, lambda: low_rank_delta(s, u, v))
 
 
 def payload_lowrank_mixed(r, raws):
@@ -1181,7 +1331,7 @@ def payload_sparse(r, raws):
 
 PAYLOADS = {1: payload_dense, 2: payload_dense, 3: payload_removed,
             4: payload_lowrank_mixed, 5: payload_sparse_lowrank, 6: payload_sign,
-            7: payload_lowrank, 8: payload_sparse}
+            7: payload_lowrank, 8: payload_sparse, 10: payload_lowrank_rotated}
 
 
 # ------------------------------------------------------ §9 float rounding

@@ -205,6 +205,28 @@ def test_bitpack():
         raise AssertionError(bad)
 
 
+def test_rans_example():
+    """§8.2's example stream, read from the spec's block: 6 bytes, 4 states, no words."""
+    text = open(SPEC, encoding="utf-8").read()
+    block = re.search(r"```text rans-example\n(.*?)```", text, re.S).group(1)
+    stream = bytes.fromhex("".join(line[:20] for line in block.splitlines()))
+    assert dcmref.unrans(stream, 6, "t") == bytes([1, 1, 1, 2, 1, 3])
+    assert dcmref.read_uint7(bytes([0x81, 0x00]), 0, "t") == (128, 2)
+    assert dcmref.read_uint7(bytes([0x87, 0x68]), 0, "t") == (1000, 2)
+    for bad in (stream + b"\0\0", stream[:-4] + bytes([0, 8, 2, 1]), b"\x01" + stream[1:]):
+        try:
+            dcmref.unrans(bad, 6, "t")
+        except dcmref.PayloadError:
+            continue
+        raise AssertionError(bad.hex())
+
+
+def test_hadamard_example():
+    """§10.13's example: seed 0x0123456789abcdef, V of length 4, stored (1, 0, 0, 0)."""
+    got = dcmref.hadamard_back(np.array([[1.0, 0, 0, 0]]), 0x0123456789ABCDEF, "V")
+    assert got.tolist() == [[0.5, -0.5, 0.5, -0.5]]
+
+
 LOWRANK_BLOB = bytes.fromhex("00000040" "cd010000" "00300034" "03000000"
                              "16000000" "00380000" "04")
 

@@ -40,7 +40,7 @@ HEADER = struct.Struct("<8sHHIIIQQ20sI")
 CREATOR = "dcm conformance vectors 1"
 NP_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "U8": "<u1", "I32": "<i4"}
 KIND_NAMES = {1: "dense-delta", 2: "full", 3: "removed", 4: "lowrank-mixed", 5: "sparse-lowrank", 6: "sign",
-              7: "lowrank", 8: "sparse"}
+              7: "lowrank", 8: "sparse", 10: "lowrank-rotated"}
 
 
 # --- deterministic numbers --------------------------------------------------------------------
@@ -149,17 +149,109 @@ def _blocks(raw: bytes, rle: bool, size: int) -> bytes:
     return out
 
 
+# --- rANS streams, by hand (spec 8.2) ------------------------------------------------------------
+
+# A stream made once by libhtscodecs 1.3.0 (rans_compress_to_4x16, order 0, 32 states) of
+# HTSCODECS_CONTENT: the library's own frequency normalisation, and renormalisation words.
+HTSCODECS_CONTENT = bytes((i * i + 3 * i) % 7 for i in range(2000))
+HTSCODECS_STREAM = bytes.fromhex(
+    "048f500003040100844c822484498447f431d60307eaad03c7e6630371788203b2619203935d6a03ef5ccc03f431d603"
+    "07eaad03c7e6630371788203b2619203935d6a03ef5ccc03f431d60307eaad03a7e5f800c3ca1401bc001a01c30d0d01"
+    "9fbf7b00cfa3000142880601a7e5f800c3ca1401bc001a01c30d0d019fbf7b00cfa3000142880601a7e5f800c3ca1401"
+    "7699042a33a360ae2dbff8237699042a33a360ae2dbff8237699042a33a360ae2dbff8237699042a33a360ae2dbff823"
+    "7699042a33a31d9e1d9e1d9e1d9e1d9e8d3b78dc91d0264b61e5f718db528d3b78dc91d0264b61e5f718db528d3b78dc"
+    "91d0264b61e5f718db528d3b78dc91d0264b61e5f718db528d3b78dc91d0264b2dbf2dbf2dbf2dbf12bd6fa3a19aa8a5"
+    "52a2f9cc12bd6fa3a19aa8a552a2f9cc12bd6fa3a19aa8a552a2f9cc12bd6fa3a19aa8a552a2f9cc12bd6fa3a19aa8a5"
+    "de9cfa18de9cfa18de9cfa18de9cfa18de9cf34360aea48bee66c516f34360aea48bee66c516f34360aea48bee66c516"
+    "f34360aea48bee66c516f34360aea48bf6d08caa5be5d9884c02d5bbb2bcf6d08caa5be5d9884c02d5bbb2bcf6d08caa"
+    "5be5d9884c02d5bbb2bcf6d08caa5be5d9884c02d5bbb2bcf6d08caa5be5d988022459ac379f98506a2b448632090224"
+    "59ac379f98506a2b44863209022459ac379f98506a2b44863209022459ac379f98506a2b44863209022459ac379f9850"
+    "3c1b32698a53245e10dff8003c1b32698a53245e10dff8003c1b32698a53245e10dff8003c1b32698a53245e10dff800"
+    "3c1b32698a53ac6eac6eac6eac6eac6e")
+
+
+def uint7(value: int) -> bytes:
+    """8.2's uint7: 7-bit groups, most significant first, bit 7 set on all but the last byte."""
+    groups = []
+    while True:
+        groups.append(value & 0x7F)
+        value >>= 7
+        if not value:
+            break
+    groups.reverse()
+    return bytes([g | 0x80 for g in groups[:-1]] + [groups[-1]])
+
+
+def rans_symbols(present) -> bytes:
+    """The symbol list of 8.2: a symbol whose predecessor occurs is followed by a run count."""
+    out, run = [], 0
+    for j in range(256):
+        if j not in present:
+            continue
+        if run:
+            run -= 1
+            continue
+        out.append(j)
+        if j and j - 1 in present:
+            r = j + 1
+            while r < 256 and r in present:
+                r += 1
+            run = r - (j + 1)
+            out.append(run)
+    return bytes(out + [0])
+
+
+def rans_frequencies(raw: bytes) -> dict:
+    """Counts scaled to a power-of-two total (the smallest ≥ len(raw), at most 4096), each ≥ 1."""
+    counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=256)
+    total = min(4096, 1 << max(0, (len(raw) - 1).bit_length()))
+    freqs = {int(sym): max(1, int(c) * total // len(raw)) for sym, c in enumerate(counts) if c}
+    top = max(freqs, key=lambda sym: (counts[sym], -sym))
+    freqs[top] += total - sum(freqs.values())
+    assert freqs[top] >= 1 and sum(freqs.values()) == total
+    return freqs
+
+
+def rans_stream(raw: bytes, lanes: int = 32, freqs: dict | None = None) -> bytes:
+    """An order-0 rANS stream of ``raw`` (8.2): encoded backwards from states 2^15, one word at most
+    per symbol, words in the order the decoder reads them."""
+    freqs = rans_frequencies(raw) if freqs is None else freqs
+    total = sum(freqs.values())
+    scaled = {sym: f * (4096 // total) for sym, f in freqs.items()}
+    cum, acc = {}, 0
+    for sym in sorted(scaled):
+        cum[sym], acc = acc, acc + scaled[sym]
+    x, words = [1 << 15] * lanes, []
+    for i in reversed(range(len(raw))):
+        j, f = i % lanes, scaled[raw[i]]
+        if x[j] >= (1 << 19) * f:
+            words.append(x[j] & 0xFFFF)
+            x[j] >>= 16
+        x[j] = ((x[j] // f) << 12) + x[j] % f + cum[raw[i]]
+    words.reverse()
+    return (bytes([0x04 if lanes == 32 else 0x00]) + uint7(len(raw)) + rans_symbols(set(freqs))
+            + b"".join(uint7(freqs[sym]) for sym in sorted(freqs)) + struct.pack(f"<{lanes}I", *x)
+            + struct.pack(f"<{len(words)}H", *words))
+
+
+def rans(raw: bytes, lanes: int = 32, freqs: dict | None = None) -> Blob:
+    return Blob(raw, rans_stream(raw, lanes, freqs), coding=2)
+
+
 # --- records and the container ----------------------------------------------------------------
 
 
 @dataclass
 class Blob:
     raw: bytes
-    stored: bytes | None = None  # None: stored raw; else the stored bytes (a zstd frame)
+    stored: bytes | None = None  # None: stored raw; else the stored bytes (a zstd frame, or a rANS stream)
     raw_length: int | None = None  # declared instead of len(raw) (a frame too large to hold its content)
+    coding: int | None = None  # the encoding when it is not what ``stored`` implies (2: rans)
 
     @property
     def encoding(self) -> int:
+        if self.coding is not None:
+            return self.coding
         return 0 if self.stored is None else 1
 
 
@@ -389,6 +481,46 @@ def lowrank_mixed_record(name, dtype, base, groups, s, pairs, *, compress=False)
     blobs = [maybe_zstd(lowrank.pack_blob(base.shape, groups, s, pairs), compress)] if groups else []
     rec = Record(name, 4, dtype, base.shape, params, blobs, base)
     return lossy(rec, codes, len(codes), np.concatenate([s, v.ravel(), u.ravel()]), *product(u, s, v))
+
+
+def hadamard_back(z: np.ndarray, seed: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """10.13's Rᵀ·ẑ of each row in float64, by its formula (H_b[p, q] = (−1)^popcount(p AND q)), and
+    the magnitudes (1/√b)·Σ|ẑ| over each element's block that the tolerance uses."""
+    k, length = z.shape
+    b = length & -length
+    c0 = 0 if side == "V" else 1 << 32
+    d = np.where(masks.uniform32(seed, np.arange(length, dtype=np.uint64) + np.uint64(c0)) >= 2**31, -1.0, 1.0)
+    h = np.array([[(-1.0) ** bin(p & q).count("1") for q in range(b)] for p in range(b)])
+    blocks = z.astype(np.float64).reshape(k, length // b, b)
+    back = (blocks @ h.T / np.sqrt(b)).reshape(k, length) * d
+    magnitude = np.repeat(np.abs(blocks).sum(axis=2) / np.sqrt(b), b, axis=1)
+    return back, magnitude
+
+
+def lowrank_rotated(rng: Stream, name, dtype, base, groups, *, v_rotation: int, u_rotation: int, seed: int,
+                    compress=False) -> Record:
+    """A lowrank-rotated record (10.13): the stored vectors are random codes, as for lowrank-mixed."""
+    m, n = base.shape
+    groups = [BitGroup(*g) for g in groups]
+    s = singular_values(rng, groups[-1].stop if groups else 0)
+    pairs = [(quantized(rng, g.count, n, g.bits, g.group_size), quantized(rng, g.count, m, g.bits, g.group_size))
+             for g in groups]
+    k = s.size
+    zu, zv, codes = np.zeros((k, m), np.float32), np.zeros((k, n), np.float32), b""
+    for g, (fv, fu) in zip(groups, pairs):
+        zv[g.start:g.stop], zu[g.start:g.stop] = dequantized(fv, g.group_size), dequantized(fu, g.group_size)
+        codes += b"".join(a.astype(np.uint8).tobytes() for a in (fv.codes, fv.zeros, fu.codes, fu.zeros))
+    params = {"packing": 1, "v_rotation": v_rotation, "u_rotation": u_rotation, "seed": seed,
+              "groups": [g.as_param() for g in groups]}
+    blobs = [maybe_zstd(lowrank.pack_blob(base.shape, groups, s, pairs), compress)] if groups else []
+    rec = Record(name, 10, dtype, base.shape, params, blobs, base)
+    v, v_mag = hadamard_back(zv, seed, "V") if v_rotation else (zv.astype(np.float64), np.abs(zv))
+    u, u_mag = hadamard_back(zu, seed, "U") if u_rotation else (zu.astype(np.float64), np.abs(zu))
+    beta = sum((length & -length) + 2 for length, rot in ((m, u_rotation), (n, v_rotation)) if rot)
+    s64 = s.astype(np.float64)
+    delta = (u.T * s64) @ v
+    bound = (k + 2 + beta) * 2.0**-23 * ((u_mag.T * np.abs(s64)) @ v_mag)
+    return lossy(rec, codes, len(codes), np.concatenate([s, zv.ravel(), zu.ravel()]), delta, bound)
 
 
 def sparse_values(rng: Stream, g: BitGroup, keep: np.ndarray) -> tuple[Values, np.ndarray, bytes]:
@@ -1511,8 +1643,153 @@ def zstd_vectors() -> list:
     ]
 
 
+# --- version 1.3: the rans encoding (8.2) and lowrank-rotated (10.13) ---------------------------
+
+
+def rans_blobs() -> File:
+    """Byte planes, a lowrank-mixed blob and an attachment stored as rANS streams of 32 and 4 states."""
+    rng = Stream(70)
+    a = rng.floats((64, 16), "F32")
+    rec_a = dense_delta("planes", "F32", a, nudged(rng, a), layout=1)
+    rec_a.blobs = [rans(b.raw, 32 if k % 2 == 0 else 4) for k, b in enumerate(rec_a.blobs)]
+    rec_b = lowrank_mixed(rng, "mixed", "F16", rng.floats((24, 40), "F16"), [[0, 2, 8, 16], [2, 6, 2, 16]])
+    rec_b.blobs = [rans(rec_b.blobs[0].raw, 32)]
+    text = b"rans attachment: " + bytes(rng.ints(300, 97, 101).astype(np.uint8))
+    return File([rec_a, rec_b], [("notes.txt", rans(text, 4))], minor=3)
+
+
+def rans_example() -> File:
+    """Spec 8.2's example: the 6 bytes 01 01 01 02 01 03 of a U8 full record, 4 states, f = 4, 2, 2."""
+    raw = bytes([1, 1, 1, 2, 1, 3])
+    rec = full("bytes", "U8", np.frombuffer(raw, np.uint8).copy())
+    rec.blobs = [rans(raw, 4, {1: 4, 2: 2, 3: 2})]
+    assert rec.blobs[0].stored.hex() == "00060102010004020200000200001404000000010000080200"  # as the spec shows
+    return File([rec], minor=3)
+
+
+def rans_edges() -> File:
+    """One-symbol streams (0 alone, 255 alone, frequency total 1), fewer symbols than 32 states, a run
+    of symbols up to 255, a 2-byte size, and a stream of libhtscodecs."""
+    raws = {"zeros": bytes(40), "ff": b"\xff" * 9, "short": bytes([3, 4, 5, 250, 3]),
+            "run": bytes(range(240, 256)) * 3, "long": bytes((i * 7) % 5 for i in range(300))}
+    records = []
+    for i, (name, raw) in enumerate(raws.items()):
+        rec = full(name, "U8", np.frombuffer(raw, np.uint8).copy())
+        freqs = {raw[0]: 1} if len(set(raw)) == 1 and name == "zeros" else None
+        rec.blobs = [rans(raw, 32 if i % 2 == 0 else 4, freqs)]
+        records.append(rec)
+    lib = full("htscodecs", "U8", np.frombuffer(HTSCODECS_CONTENT, np.uint8).copy())
+    lib.blobs = [Blob(HTSCODECS_CONTENT, HTSCODECS_STREAM, coding=2)]
+    return File(records + [lib], minor=3)
+
+
+def rans_with(stream: bytes, raw: bytes = bytes([1, 1, 1, 2, 1, 3])) -> Callable[[], File]:
+    """A U8 full record whose one blob is ``stream`` as a rans blob of ``raw``."""
+    def build() -> File:
+        rec = full("bytes", "U8", np.frombuffer(raw, np.uint8).copy())
+        rec.blobs = [Blob(raw, stream, coding=2)]
+        return File([rec], minor=3)
+    return build
+
+
+def rans_vectors() -> list:
+    example = rans_stream(bytes([1, 1, 1, 2, 1, 3]), 4, {1: 4, 2: 2, 3: 2})  # 00 06 | 01 02 01 00 | 04 02 02 | x
+    raw300 = bytes((i * 7) % 5 for i in range(300))
+    worded = rans_stream(raw300, 4)  # reads words: a stream to cut short
+    assert len(worded) > 1 + 2 + len(rans_symbols(set(raw300))) + 5 + 4 * 4  # it has words after its states
+
+    def f(name, stream, description, mode="reader", raw=bytes([1, 1, 1, 2, 1, 3])):
+        return FaultyVector(name, rans_with(stream, raw), Edits(), "8.2", "PayloadError", description, mode)
+    states = 1 + 1 + 4 + 3  # where the example's states start
+    return [
+        ValidVector("rans-blobs", "valid", rans_blobs, "8.2", 3,
+                    "rans blobs of 32 and 4 states: the byte planes of an F32 dense-delta, a lowrank-mixed blob "
+                    "and an attachment"),
+        ValidVector("rans-example", "uncommon", rans_example, "8.2", 3,
+                    "the example of spec 8.2: 6 bytes, 4 states, frequencies 4, 2, 2 (total 8)"),
+        ValidVector("rans-edges", "uncommon", rans_edges, "8.2", 3,
+                    "rans streams of one symbol (0 alone with total 1, 255 alone), 5 symbols with 32 states, a run "
+                    "of symbols up to 255, a 2-byte size, and a stream written by libhtscodecs"),
+        f("rans-flags-order-1", b"\x01" + example[1:], "rans flags 0x01 (order 1)"),
+        f("rans-flags-stripe", b"\x0c" + example[1:], "rans flags 0x0c (32 states, striped)"),
+        f("rans-size-mismatch", example[:1] + b"\x07" + example[2:], "a rans size of 7 for a 6-byte blob"),
+        f("rans-size-long-form", example[:1] + b"\x80\x06" + example[2:], "a rans size 80 06 (not the shortest)"),
+        f("rans-symbol-run-past-255", example[:2] + b"\xfe\xff\x05\x00" + example[6:],
+          "a rans symbol list whose run passes 255"),
+        f("rans-frequency-zero", example[:6] + b"\x04\x02\x00" + example[9:], "a rans frequency of 0"),
+        f("rans-frequency-total", example[:6] + b"\x04\x02\x01" + example[9:],
+          "rans frequencies totalling 7 (not a power of two)"),
+        f("rans-frequency-total-above", example[:6] + uint7(8188) + b"\x02\x02" + example[9:],
+          "rans frequencies totalling 8192 (above 4096)"),
+        f("rans-state-low", example[:states] + struct.pack("<I", 0x7FFF) + example[states + 4:],
+          "a rans state below 2^15"),
+        f("rans-state-high", example[:states] + struct.pack("<I", 0x80000000) + example[states + 4:],
+          "a rans state of 2^31"),
+        f("rans-states-truncated", example[:states + 10], "a rans stream that ends inside its states"),
+        f("rans-missing-word", worded[:-2], "a rans stream that ends before the word its last symbols need",
+          "verifier", raw300),
+        f("rans-trailing-bytes", example + b"\x00\x00", "two bytes after the end of a rans stream", "verifier"),
+        f("rans-state-end", example[:states + 8] + struct.pack("<I", 0x10001) + example[states + 12:],
+          "a rans stream whose third state ends at 2^15 + 1 (it decodes the same bytes)", "verifier"),
+    ]
+
+
+def lowrank_rotated_file() -> File:
+    rng = Stream(80)
+    records = [lowrank_rotated(rng, "a", "F16", rng.floats((16, 24), "F16"), [[0, 2, 8, 8], [2, 5, 3, 8]],
+                               v_rotation=1, u_rotation=1, seed=0x0123456789ABCDEF),
+               lowrank_rotated(rng, "b", "BF16", rng.floats((12, 32), "BF16"), [[0, 3, 4, 16]],
+                               v_rotation=1, u_rotation=0, seed=5, compress=True),
+               lowrank_rotated(rng, "c", "F32", rng.floats((8, 8), "F32"), [[0, 1, 8, 8], [1, 3, 2, 4]],
+                               v_rotation=0, u_rotation=1, seed=2**63)]
+    return File(records, minor=3)
+
+
+def lowrank_rotated_edges() -> File:
+    rng = Stream(81)
+    records = [lowrank_rotated(rng, "rank0", "F32", rng.floats((4, 4), "F32"), [], v_rotation=1, u_rotation=1,
+                               seed=1),
+               lowrank_rotated(rng, "odd", "F16", rng.floats((6, 5), "F16"), [[0, 2, 3, 5]],
+                               v_rotation=1, u_rotation=1, seed=2**64 - 1),
+               lowrank_rotated(rng, "plain", "F32", rng.floats((4, 8), "F32"), [[0, 1, 2, 8]],
+                               v_rotation=0, u_rotation=0, seed=0)]
+    return File(records, minor=3)
+
+
+def rotated_small() -> File:
+    return File([lowrank_rotated(Stream(82), "w", "F32", Stream(83).floats((8, 4), "F32"), [[0, 2, 4, 4]],
+                                 v_rotation=1, u_rotation=1, seed=3)], minor=3)
+
+
+def rotation_vectors() -> list:
+    def f(name, edit, error, description, source=rotated_small):
+        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, "10.13", error,
+                            description)
+    return [
+        ValidVector("lowrank-rotated", "valid", lowrank_rotated_file, "10.13", 3,
+                    "lowrank-rotated records: both sides rotated (F16, blocks of 8 and 16), V alone (BF16, zstd), "
+                    "U alone (F32)"),
+        ValidVector("lowrank-rotated-edges", "uncommon", lowrank_rotated_edges, "10.13", 3,
+                    "lowrank-rotated of rank 0, of odd and short lengths (blocks of 1 and 2) with seed 2^64 − 1, and "
+                    "with both rotations none"),
+        f("lowrank-rotated-unknown-rotation", param("v_rotation", 2), "UnknownKindError", "v_rotation 2"),
+        f("lowrank-rotated-u-rotation-type", param("u_rotation", True), "IndexSchemaError",
+          "u_rotation true (a bool, not an int)"),
+        f("lowrank-rotated-unknown-packing", param("packing", 2), "UnknownKindError", "lowrank-rotated packing 2"),
+        f("lowrank-rotated-negative-seed", param("seed", -1), "PayloadError", "a lowrank-rotated seed of −1"),
+        f("lowrank-rotated-missing-seed", pop_in(("tensors", 0, "params", "seed")), "IndexSchemaError",
+          "lowrank-rotated params without seed"),
+        f("lowrank-rotated-one-dimension", record_edit("shape", [32], also_base=True), "PayloadError",
+          "a lowrank-rotated record of shape [32]"),
+        f("lowrank-rotated-length", Edits(), "PayloadError", "a lowrank-rotated blob 4 bytes longer than its groups "
+          "need", with_blob(0, lambda raw: raw + bytes(4), rotated_small)),
+        f("lowrank-rotated-order", edit_all(param("v_rotation", 7), param("seed", -1)), "UnknownKindError",
+          "v_rotation 7 and seed −1: the params are checked in the order of the table"),
+    ]
+
+
 FAMILIES = (core_vectors, rounding_vectors, edge_rule_vectors, param_rule_vectors, kind_5_8_vectors,
-            index_vectors, attachment_vectors, zstd_vectors)
+            index_vectors, attachment_vectors, zstd_vectors, rans_vectors, rotation_vectors)
 
 
 # --- expected results (spec 19.2) and the manifest (19.1) -----------------------------------------
