@@ -240,11 +240,18 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _param_text(value) -> str:
+    """A method param for the one-line summary: a long list (gptq_tensors) as its count and first items."""
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{', '.join(sanitize(v) for v in value[:2])}, ... {len(value)} in all]"
+    return sanitize(value)
+
+
 def format_info(d: dict) -> str:
     """A readable report of ``info()``'s dict; strings from the file are escaped."""
     s = sanitize
     h, t, m = d["header"], d["totals"], d["method"]
-    params = ", ".join(f"{s(k)}={s(v)}" for k, v in m["params"].items())
+    params = ", ".join(f"{s(k)}={_param_text(v)}" for k, v in m["params"].items())
     lines = [
         f"file:        {s(d['path'])}",
         f"format:      {h['version']}  alignment {h['alignment']}  index {h['index_bytes']} B  "

@@ -177,10 +177,10 @@ def test_bf16_checkpoint_loaded_in_float32(files, label):
     decoded = files.decode("llama", f"bf16-{label}", base_dtype="bfloat16")
     base = model_dir("llama", "base", "bfloat16")
     x = ids()
-    merged = patch_model(load(base, torch.float32), path, backend="torch", hold="merged")
-    assert torch.equal(logits(merged, x), logits(load(decoded, torch.float32), x))
     model = patch_model(load(base, torch.float32), path, backend="torch")
     assert max_diff(logits(model, x), logits(unrounded(base, path), x)) < LOGIT_ATOL
+    merged = patch_model(load(base, torch.float32), path, backend="torch", hold="merged")
+    assert torch.equal(logits(merged, x), logits(load(decoded, torch.float32), x))
     with pytest.raises(dcm.errors.WrongBaseError):  # still checked: another model's bf16 weights
         patch_model(load(model_dir("llama", "ft2", "bfloat16"), torch.float32), path, backend="torch")
 
@@ -192,12 +192,15 @@ def test_float32_checkpoint_loaded_in_bfloat16(files):
     x = ids()
     for (path, decoded), hold in ((delta_come(files, "llama"), "packed"), (delta_come(files, "llama"), "merged"),
                                   (lossless(files, "llama"), "packed")):
+        model = load(model_dir("llama"), torch.bfloat16)
+        if hold == "packed":
+            patch_model(model, path, backend="torch", check_base=False)
+        else:
+            patch_model(model, path, backend="torch", check_base=False, hold=hold)
         with pytest.raises(dcm.errors.UsageError, match="check_base=False"):
             patch_model(load(model_dir("llama"), torch.bfloat16), path, backend="torch")
         want = logits(load(decoded, torch.bfloat16), x)
         exact = logits(load(decoded), x)
-        model = patch_model(load(model_dir("llama"), torch.bfloat16), path, backend="torch", check_base=False,
-                            hold=hold)
         got = logits(model, x)
         # the base rounded to bf16 before the delta is added: about as far from the decoded model in bf16
         # as that model is from itself in float32
@@ -373,3 +376,122 @@ def test_family_generate_with_kv_cache(files, family):
     references = [load(d1), load(d2), load(model_dir(family))]
     for row, d in enumerate(which.tolist()):
         assert same_generation(got[row:row + 1], references[d], prompt[row:row + 1], new), (family, row, d)
+
+
+# --- item 6: calibration of causal LMs --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "text.txt"
+    path.write_text(tiny_llms.corpus("ft1", 60_000), encoding="utf-8")
+    return path
+
+
+def calibrate(family, text, out):
+    from dcm.calibrate import calibrate as run, load_stats
+
+    run(model_dir(family), text, out, max_tokens=4096, seq_len=64, batch_size=8)
+    return load_stats(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_calibrate_gives_every_coded_matrix_statistics(tmp_path, calibration_text, family):
+    """Loaded with its head: lm_head has a Hessian; GPT-2's Conv1D layers have theirs (over their first
+    axis, listed as transposed); a tied embedding has the lm_head's; an untied one its row frequencies."""
+    stats = calibrate(family, calibration_text, tmp_path / "stats.safetensors")
+    with Checkpoint(model_dir(family)) as ckpt:
+        coded = {n: ckpt.info(n).shape for n in ckpt.names() if len(ckpt.info(n).shape) == 2}
+    model = load(model_dir(family))
+    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    tied = {n for n in embeddings if model.get_output_embeddings().weight is model.get_submodule(n[:-7]).weight}
+    for name, shape in coded.items():
+        if name in embeddings and name not in tied:
+            assert stats.row_frequencies(name).shape == (shape[0],), name
+            continue
+        h = stats.hessian(name)
+        axis = 0 if family == "gpt2" and name not in embeddings else 1
+        assert h is not None and h.shape == (shape[axis], shape[axis]), name
+        assert (name in stats.transposed) == (axis == 0), name
+    if family not in TIED:
+        assert "lm_head.weight" in coded and stats.hessian("lm_head.weight") is not None
+
+
+def output_error(delta_hat, delta, h, axis) -> float:
+    """E‖x·Δ̂ − x·Δ‖² under the input Hessian h (inputs along ``axis`` of the stored matrix)."""
+    e = (delta_hat - delta).astype(np.float64)
+    e = e if axis == 0 else e.T  # (inputs, outputs)
+    return float(np.einsum("ij,ik,kj->", e, h, e))
+
+
+@pytest.mark.parametrize("method", ["delta-come", "impart-qt"])
+def test_gptq_on_gpt2_conv1d_uses_the_input_side(tmp_path, calibration_text, files, method):
+    """Conv1D matrices are GPTQ'd against the Hessian of their first axis: lower output error than plain
+    rounding; the file lists every GPTQ'd matrix."""
+    stats = calibrate("gpt2", calibration_text, tmp_path / "stats.safetensors")
+    rtn = files.encode("gpt2", f"ft1-{method}", method=method, ratio=RATIO)
+    gptq = tmp_path / "gptq.dcm"
+    dcm.encode(model_dir("gpt2"), model_dir("gpt2", "ft1"), gptq, method=method, ratio=RATIO,
+               options={"calibration": str(tmp_path / "stats.safetensors")})
+    conv = [n for n in stats.transposed]
+    assert len(conv) == 4 * tiny_llms.LAYERS
+    with dcm.open(gptq) as f_gptq, dcm.open(rtn) as f_rtn, Checkpoint(model_dir("gpt2")) as base, \
+            Checkpoint(model_dir("gpt2", "ft1")) as ft:
+        params = f_gptq.metadata()["params"]
+        assert params["quantizer"] == "gptq" and set(conv) <= set(params["gptq_tensors"])
+        ratios = []
+        for name in conv:
+            delta = dcm.dtypes.to_float32(ft.read(name), "F32") - dcm.dtypes.to_float32(base.read(name), "F32")
+            h = stats.hessian(name)
+            ratios.append(output_error(f_gptq.stored_delta(name), delta, h, 0)
+                          / output_error(f_rtn.stored_delta(name), delta, h, 0))
+    assert np.median(ratios) < 0.9, ratios
+
+
+def test_gptq_without_statistics_warns_per_matrix_or_refuses(tmp_path, calibration_text):
+    from safetensors.numpy import load_file, save_file
+
+    from dcm.calibrate import load_stats
+
+    stats = calibrate("llama", calibration_text, tmp_path / "stats.safetensors")
+    tensors = load_file(tmp_path / "stats.safetensors")
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    del tensors[dropped]
+    save_file(tensors, tmp_path / "partial.safetensors", metadata=stats.metadata)
+    load_stats(tmp_path / "partial.safetensors")
+    out = tmp_path / "partial.dcm"
+    with pytest.warns(dcm.errors.DcmWarning, match=f"no calibration statistics for 2 of .*{dropped}"):
+        dcm.encode(model_dir("llama"), model_dir("llama", "ft1"), out, method="delta-come", ratio=RATIO,
+                   options={"calibration": str(tmp_path / "partial.safetensors")})
+    with dcm.open(out) as f:
+        gptqd = f.metadata()["params"]["gptq_tensors"]
+    assert dropped not in gptqd and "model.embed_tokens.weight" not in gptqd and "lm_head.weight" in gptqd
+    other = calibrate("gpt2", calibration_text, tmp_path / "gpt2.safetensors")
+    assert other.names()
+    with pytest.raises(dcm.errors.UsageError, match="no input Hessian for any"):
+        dcm.encode(model_dir("llama"), model_dir("llama", "ft1"), tmp_path / "other.dcm", method="delta-come",
+                   ratio=RATIO, options={"calibration": str(tmp_path / "gpt2.safetensors")})
+
+
+# --- item 7: one shard of a sharded checkpoint -------------------------------------------------------
+
+
+def test_one_shard_of_a_sharded_base_is_refused(tmp_path, files):
+    """A shard file is refused, naming its directory; the directory itself is the whole checkpoint."""
+    import subprocess
+    import sys
+
+    sharded = model_dir("llama", "base", sharded=True)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 2
+    with pytest.raises(dcm.errors.UsageError, match=f"one of {len(shards)} shards of the checkpoint in .*{sharded.name}"):
+        dcm.encode(shards[0], model_dir("llama", "ft1"), tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()
+    proc = subprocess.run([sys.executable, "-m", "dcm", "encode", str(shards[1]), str(model_dir("llama", "ft1")),
+                           "-o", str(tmp_path / "y.dcm")], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"pass the directory {sharded}" in proc.stderr, proc.stderr
+    dcm.encode(sharded, model_dir("llama", "ft1"), tmp_path / "z.dcm")  # the directory: every tensor coded
+    with dcm.open(tmp_path / "z.dcm") as f:
+        assert {r.kind_name for r in f.records()} == {"dense-delta"}
+    dcm.decode(tmp_path / "z.dcm", sharded, tmp_path / "decoded")
+    assert hf_tensors(tmp_path / "decoded") == hf_tensors(model_dir("llama", "ft1"))

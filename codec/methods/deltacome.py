@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import blobs, dtypes, lowrank, quant
-from ..calibrate import HessianCache, open_stats
+from ..calibrate import HessianCache, open_stats, plan_gptq
 from ..constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from ..errors import UsageError
 from ..lowrank import BitGroup, Factor
@@ -184,6 +184,7 @@ class DeltaCoMe(Method):
         self.carry = 0  # bytes earlier matrices left unspent, shared over the ones still to come
         self.pending = 0  # parameters of the planned matrices not yet encoded
         self.hints: dict[str, int] = {}  # rd with a randomized SVD: the rank each matrix's sketch finds
+        self.gptq_tensors: list[str] = []  # with calibration: the matrices that have statistics (planned)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -197,7 +198,7 @@ class DeltaCoMe(Method):
             config.update({"oversample": self.oversample, "power_iters": self.power_iters, "seed": self.seed})
         if self.stats:
             config.update({"damp": self.damp, "refit_u": self.refit, "calibration_tokens": self.stats.tokens,
-                           "calibration_sha256": self.stats.sha256})
+                           "calibration_sha256": self.stats.sha256, "gptq_tensors": list(self.gptq_tensors)})
         return config
 
     def wants_tensor(self, name, dtype_name, shape) -> bool:
@@ -211,6 +212,8 @@ class DeltaCoMe(Method):
 
     def plan(self, tensors, load) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
+        if self.stats is not None:
+            self.gptq_tensors = plan_gptq(self._hessians, tensors, self.name)
         total = self.total_budget(tensors)
         self.pending = sum(math.prod(t.shape) for t in tensors)
         empty = {t.name: record_cost(t.name, t.dtype, t.shape, []) for t in tensors}
@@ -260,7 +263,8 @@ class DeltaCoMe(Method):
         """(output-side, input-side) weights of the error: None (identity) or the input Hessian."""
         if self.metric == "weights":
             return None, None
-        return None, self._hessian(name, shape)
+        h, axis = self._hessians.sided(name, shape)
+        return (h, None) if axis == 0 else (None, h)
 
     # --- encoding ------------------------------------------------------------------------
 
@@ -281,7 +285,7 @@ class DeltaCoMe(Method):
             budget = int(self.ratio * 16 * math.prod(shape)) // 8
         budget += self._carry_share(name, math.prod(shape))
         delta = None  # only the U refit reads Δ itself
-        if self.refit and self._hessian(name, shape) is not None:
+        if self.refit and self._hessians.sided(name, shape)[0] is not None:
             delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
         if self.alloc == "rd":
             svd = self.factorize(name, ft, base, dtype_name, self.hints.get(name))  # as planned
@@ -386,18 +390,27 @@ class DeltaCoMe(Method):
         if not k:
             return s, None, None
         bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64)
-        h = self._hessian(name, shape)
+        h, axis = self._hessians.sided(name, shape)
         if h is None:
             return s, quant.rtn(svd.v[:k], bits, self.group_size), quant.rtn(svd.u[:k], bits, self.group_size)
-        v = gptq.quantize_rows(svd.v[:k], h, bits, self.group_size, self.damp)
-        v_hat = quant.dequantize(*v, self.group_size)
-        u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
-        u = gptq.quantize_columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
+        if axis == 0:  # a weight stored in × out (Conv1D): U runs along the inputs, so the roles swap
+            u, v = self._gptq(svd.u[:k], svd.v[:k], s, None if delta is None else delta.T, h, bits)
+            return s, v, u
+        v, u = self._gptq(svd.v[:k], svd.u[:k], s, delta, h, bits)
         return s, v, u
 
-    def _hessian(self, name, shape):
-        """The matrix's input Hessian from the calibration statistics (read once per matrix), or None."""
-        return self._hessians.get(name, shape)
+    def _gptq(self, inputs, outputs, s, delta, h, bits) -> tuple:
+        """GPTQ of the input-side vectors against ``h``, then of the output side against the Hessian
+        of x·(input side)ᵀ·diag(S) (refitted first to absorb the input side's error, with ``refit``)."""
+        q_in = gptq.quantize_rows(inputs, h, bits, self.group_size, self.damp)
+        in_hat = quant.dequantize(*q_in, self.group_size)
+        target = gptq.refit_u(delta, in_hat, s, h, self.damp) if self.refit else outputs
+        q_out = gptq.quantize_columns(target, gptq.u_hessian(in_hat, s, h), bits, self.group_size, self.damp)
+        return q_in, q_out
+
+    def calibrated(self, name, shape) -> bool:
+        """Whether this matrix is quantized with GPTQ (the statistics hold its input Hessian)."""
+        return self._hessians.available(name, shape)
 
 
 def _sliced(quantized, groups):
