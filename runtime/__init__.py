@@ -9,7 +9,8 @@ or the CPU with ``TRITON_INTERPRET=1`` set before import) and plain torch ops (s
 Reading a .dcm file (``import dcm``) never needs torch; this package does.
 """
 
-from .layer import LayerFactors, LayerPack, Segments
+from .factors import LayerFactors
+from .layer import LayerPack, Segments
 from .modules import (HOLDS, DeltaLinear, MultiDelta, MultiDeltaLinear, PerDelta, linear_geometry, match_names,
                       patch_model, patch_model_multi)
 from .packed import DenseRecord, FactorRecord, SignRecord, load_record

@@ -58,7 +58,8 @@ from dcm.errors import UsageError, WrongBaseError
 from dcm.reader import DcmFile, check_base_tensor, tensor_sha256
 
 from . import packed, torch_backend
-from .layer import LayerFactors, LayerPack, Segments
+from .factors import LayerFactors
+from .layer import LayerPack, Segments
 
 PACKED_KINDS = (Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK)
 BACKENDS = ("auto", "torch", "triton")
