@@ -9,7 +9,7 @@ import enum
 
 MAGIC = b"\x89DCM\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 2  # the newest minor version this code reads and writes
+VERSION_MINOR = 3  # the newest minor version this code reads and writes
 
 HEADER_SIZE = 64
 HEADER_CRC_OFFSET = 60  # the CRC-32 field; it covers header bytes [0, 60) then the index
@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     SIGN = 6  # W_base + scale·sign (BitDelta)
     LOWRANK = 7  # W_base + U·diag(S)·Vᵀ, U and V in float16
     SPARSE = 8  # W_base + the kept elements of Δ (DARE)
+    ADAPTED = 9  # an inner record against the base cast to the record's dtype, plus new rows stored whole
 
 
 KIND_NAMES = {
@@ -69,14 +70,21 @@ KIND_NAMES = {
     Kind.SIGN: "sign",
     Kind.LOWRANK: "lowrank",
     Kind.SPARSE: "sparse",
+    Kind.ADAPTED: "adapted",
 }
 
 # The minor version that defined each kind: a writer writes the lowest minor version
 # covering the kinds its file uses (spec section 4), so lossless files stay 1.0.
 KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1,
-              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2}
+              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2, Kind.ADAPTED: 3}
 
-# Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors).
+# The kinds an ``adapted`` record may hold (param "inner"): those that read the base tensor.
+INNER_KINDS = (Kind.DENSE_DELTA, Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE)
+# The dtypes an ``adapted`` record casts between (spec 10.13).
+CAST_DTYPES = ("F32", "F16", "BF16")
+
+# Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors); an ``adapted``
+# record is lossy when its inner kind is (``records.coded_kind``).
 LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE})
 
 

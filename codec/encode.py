@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import coverage, methods
+from . import adapted, coverage, methods
 from ._version import __version__
 from .checkpoint import Checkpoint, TensorStream
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
@@ -73,7 +73,10 @@ class _Encoder:
         hashed on the way: memory stays near the blobs, one tensor's size.
         """
         if (base_info.dtype, base_info.shape) != (info.dtype, info.shape):
-            # Shapes or dtypes differ: no delta to take.
+            if adapted.applies(info, base_info):  # another float dtype, more rows: against the adapted base
+                ft, base = self.ft.read(name), self.base.read(name)
+                return (*adapted.encode(self.method, name, ft, base, info.dtype, base_info.dtype), tensor_sha256(base))
+            # Shapes or dtypes differ otherwise: no delta to take.
             return (Kind.FULL, *self._full(name), self.base.sha256(name))
         if self.method.wants_tensor(name, info.dtype, info.shape):
             return self._lossy(name, info)
@@ -104,8 +107,24 @@ class _Encoder:
 
 
 def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
-    """TensorInfo of the tensors the method will code (same dtype and shape in both, selected)."""
+    """TensorInfo of the tensors the method will code (same dtype and shape in both, selected; for an
+    adapted tensor, its inner record's matrix)."""
     return coverage.planned(profile, base, ft)
+
+
+def _pair(base: Checkpoint, ft: Checkpoint, name: str) -> tuple:
+    """(fine-tune, base) arrays of a planned matrix, as the method will be given them."""
+    ft_array, base_array = ft.read(name), base.read(name)
+    ft_info, base_info = ft.info(name), base.info(name)
+    if adapted.applies(ft_info, base_info):
+        shared, adapted_base, _ = adapted.split(ft_array, base_array, ft_info.dtype, base_info.dtype)
+        return shared, adapted_base
+    return ft_array, base_array
+
+
+def _kinds(rec: dict) -> tuple:
+    """The kinds a record uses: its own, and an adapted record's inner kind (the file's version covers both)."""
+    return (rec["kind"], rec["params"]["inner"]) if rec["kind"] == Kind.ADAPTED else (rec["kind"],)
 
 
 def _check_coverage(cov: Coverage) -> None:
@@ -133,8 +152,7 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
     inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
             ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite, inputs=inputs) as writer:
-        profile.plan(_planned(profile, base_ckpt, ft_ckpt),
-                     lambda name: (ft_ckpt.read(name), base_ckpt.read(name)))
+        profile.plan(_planned(profile, base_ckpt, ft_ckpt), lambda name: _pair(base_ckpt, ft_ckpt, name))
         total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
         with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
             enc = _Encoder(base_ckpt, ft_ckpt, writer, profile, bar)
@@ -148,7 +166,7 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
             config["selection"] = profile.selection.get_config()
         refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
         index = {
-            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[r["kind"]] for r in enc.records])],
+            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[k] for r in enc.records for k in _kinds(r)])],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},

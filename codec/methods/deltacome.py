@@ -207,8 +207,7 @@ class DeltaCoMe(Method):
     # --- planning ------------------------------------------------------------------------
 
     def total_budget(self, tensors) -> int:
-        params = sum(math.prod(t.shape) for t in tensors)
-        return int(self.ratio * 16 * params) // 8
+        return budget.total_budget(self.ratio, tensors)
 
     def plan(self, tensors, load) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
