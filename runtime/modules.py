@@ -38,6 +38,16 @@ file to the base as the model holds it, cast back, so the patched model carries
 about the rounding the model's dtype already put on the base).  Patched weights
 are computed in the checkpoint's dtype, then cast to the model's.
 
+A fine-tune of another dtype than its base, or with a grown vocabulary, is stored
+as ``adapted`` records (spec 10.13): an inner record against the base cast to the
+fine-tune's dtype, then the new rows.  A layer serves the inner record's Δ̂ on the
+base as the model holds it (so a packed layer differs from the decoded checkpoint
+by the rounding of the base to the fine-tune's dtype: ``hold="merged"`` gives the
+decoded weights exactly).  For more rows, ``patch_model`` grows the model's
+embedding and lm_head (and what is tied to them, and ``config.vocab_size``), or
+takes a model the user resized already; ``patch_model_multi`` refuses such files
+(one vocabulary per model), naming the tensor.
+
 Backends: ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"``
 (the same math in torch ops), ``"auto"``: triton on CUDA, torch elsewhere.
 """
@@ -418,6 +428,64 @@ def _as_model_tensor(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.to(device=like.device, dtype=like.dtype)
 
 
+# --- adapted records (spec 10.13): a fine-tune of another dtype, or with more rows ------------------
+
+
+def _served_kind(rec) -> int:
+    """The kind whose Δ̂ a layer would serve: an adapted record's inner kind, else the record's."""
+    return rec.params["inner"] if rec.kind == Kind.ADAPTED else rec.kind
+
+
+def _grown_rows(rec) -> int | None:
+    """The base's row count when ``rec`` adds rows to its base tensor (a resized vocabulary), else None."""
+    if rec.kind == Kind.ADAPTED and rec.base and tuple(rec.base["shape"]) != tuple(rec.shape):
+        return int(rec.base["shape"][0])
+    return None
+
+
+def _grow(model: nn.Module, tensors: dict, aliases: dict, target: str, shape, where: str) -> torch.Tensor:
+    """Give the model's tensor ``target``, and every tensor tied to it, the file's (larger) ``shape``.
+
+    A new parameter replaces the old one in every module that holds it (ties kept),
+    its first rows the old values; an embedding's ``num_embeddings``, a linear layer's
+    ``out_features`` and the model's ``config.vocab_size`` (when it counted these rows)
+    follow.  Returns the new tensor.
+    """
+    old = tensors[target]
+    rows = int(old.shape[0])
+    if tuple(old.shape[1:]) != tuple(shape[1:]) or shape[0] < rows:
+        raise UsageError(f"{where}: the file's tensor has shape {list(shape)}, the model's {list(old.shape)}")
+    with torch.no_grad():
+        data = torch.cat([old.detach(), old.new_zeros((shape[0] - rows, *shape[1:]))])
+    new = nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
+    for name in aliases[target]:
+        _, module, attr = _owner(model, name)
+        if isinstance(new, nn.Parameter):
+            setattr(module, attr, new)
+        else:
+            module.register_buffer(attr, new)
+        if isinstance(module, nn.Embedding) and attr == "weight":
+            module.num_embeddings = shape[0]
+        elif isinstance(module, nn.Linear) and attr == "weight":
+            module.out_features = shape[0]
+        elif _is_conv1d(module) and attr == "bias":
+            module.nf = shape[0]
+        tensors[name] = new
+    config = getattr(model, "config", None)
+    if getattr(config, "vocab_size", None) == rows:
+        config.vocab_size = shape[0]
+    return new
+
+
+def _grown_linear(f: DcmFile, rec, module: nn.Module) -> None:
+    """Write an adapted record's new rows into a grown linear layer's weight (the base rows stay the
+    model's: the layer's delta covers them)."""
+    rows = _grown_rows(rec)
+    new_rows = _from_storage(f.new_rows(rec.name), rec.dtype).reshape(-1, *rec.shape[1:])
+    with torch.no_grad():
+        module.weight[rows:].copy_(new_rows.to(module.weight.dtype))
+
+
 # --- one delta ------------------------------------------------------------------------------
 
 
@@ -431,7 +499,9 @@ def patch_model(model: nn.Module, path_or_handle, *, backend: str = "auto", chec
     decoded and written into the model's tensor, and so is every record with
     ``hold="merged"``.  A tensor tied to another (lm_head = embed_tokens) is always
     decoded into the shared parameter.  With ``check_base`` every base tensor is
-    hashed and compared with the file's reference (WrongBaseError).
+    hashed and compared with the file's reference (WrongBaseError).  A file whose
+    tensors have more rows than the base (a resized vocabulary) grows the model's
+    tensors, or fills the new rows of a model already resized to its size.
     """
     _check_hold(hold)
     with _open(path_or_handle) as f:
@@ -439,29 +509,46 @@ def patch_model(model: nn.Module, path_or_handle, *, backend: str = "auto", chec
         aliases = _aliases(tensors)
         recs = [r for r in f.records() if r.kind != Kind.REMOVED]
         names = match_names([r.name for r in recs], tensors)
-        written: dict = {}  # id of a tied tensor -> (record name, value written into it)
+        written: dict = {}  # the names of a tied tensor -> (record name, value written into it)
+        bases: dict = {}  # the names of a grown tensor -> the base tensor it replaced (for its other records)
         for rec in recs:
             target = names[rec.name]
             module_name, module, attr = _owner(model, target)
-            tensor = tensors[target]
+            group = tuple(sorted(aliases[target]))
+            tensor = bases.get(group, tensors[target])
             geometry = linear_geometry(module)
             tied = len(aliases[target]) > 1
-            if geometry and attr == "weight" and rec.kind in PACKED_KINDS and hold != "merged" and not tied:
+            grown = _grown_rows(rec)
+            resized = grown is not None and tensor.shape[0] == rec.shape[0]  # the user resized the model already
+            if resized:  # its first rows are the base's (the rest are the user's: the file's replace them)
+                tensor = tensor[:grown].detach().clone()  # kept: this file's records overwrite the model's
+            if (geometry and attr == "weight" and _served_kind(rec) in PACKED_KINDS and hold != "merged"
+                    and not tied and not (grown and geometry[2])):
                 if isinstance(model.get_submodule(module_name), DeltaLinear):
                     raise UsageError(f"{target}: the model already carries a delta")
                 _checked_base(f, rec, tensor, check_base)
                 loaded = packed.load_record(f, rec.name, transpose=geometry[2])
+                if grown:  # a grown lm_head: the base rows get the delta, the new rows the file's values
+                    bases[group] = tensor
+                    if not resized:
+                        _grow(model, tensors, aliases, target, rec.shape, f"{f.path}: {rec.name}")
+                    _grown_linear(f, rec, module)
                 if not (isinstance(loaded, packed.FactorRecord) and loaded.rank == 0):  # rank 0: Δ̂ = 0
-                    _replace(model, module_name, DeltaLinear(module, loaded, backend, hold=hold))
+                    _replace(model, module_name, DeltaLinear(module, loaded, backend, hold=hold, rows=grown))
                 continue
             value = _fine_tuned(f, rec, tensor, check_base)
-            if tied and id(tensor) in written:  # a second record of one tied tensor: it must agree
-                other, previous = written[id(tensor)]
+            if tied and group in written:  # a second record of one tied tensor: it must agree
+                other, previous = written[group]
                 if not torch.equal(previous, value):
                     raise UsageError(f"{f.path}: tensors {other!r} and {rec.name!r} are one tied tensor in the "
                                      f"model, but the file rebuilds them differently")
                 continue
-            written[id(tensor)] = (rec.name, value)
+            written[group] = (rec.name, value)
+            if grown:
+                bases[group] = tensor
+            if grown and not resized:  # a resized vocabulary: the model's embedding / lm_head (and ties) grow
+                _grow(model, tensors, aliases, target, tuple(value.shape), f"{f.path}: {rec.name}")
+                module_name, module, attr = _owner(model, target)
             _set_tensor(module, attr, value, f"{f.path}: {rec.name}")
     return model
 
@@ -495,6 +582,12 @@ def patch_model_multi(model: nn.Module, paths, *, backend: str = "auto", check_b
             if f is None:  # the base itself: every module keeps its own tensors for these sequences
                 continue
             recs = [r for r in f.records() if r.kind != Kind.REMOVED]
+            for rec in recs:
+                if _grown_rows(rec) is not None:
+                    raise UsageError(f"{f.path}: tensor {rec.name!r} has {rec.shape[0]} rows, the base "
+                                     f"{_grown_rows(rec)} (a resized vocabulary): patch_model_multi serves deltas "
+                                     f"of the base's shapes only; serve this file alone with patch_model, which "
+                                     f"resizes the model")
             for name, target in match_names([r.name for r in recs], tensors).items():
                 for alias in aliases[target]:  # a tied tensor changes in every module that holds it
                     slot = per_target.setdefault(alias, [None] * len(files))
@@ -510,8 +603,9 @@ def patch_model_multi(model: nn.Module, paths, *, backend: str = "auto", check_b
         for module_name, (module, attrs) in by_module.items():
             geometry = linear_geometry(module)
             if geometry and "weight" in attrs:
+                tied = len(aliases[f"{module_name}.weight"]) > 1
                 _replace(model, module_name, _multi_linear(module, geometry, attrs, handle, backend, check_base,
-                                                           hold))
+                                                           hold, tied))
             elif _token_wise(module) or geometry:
                 params = []
                 for d in range(len(files)):
@@ -532,7 +626,9 @@ def patch_model_multi(model: nn.Module, paths, *, backend: str = "auto", check_b
 
 
 def _multi_linear(module: nn.Module, geometry, attrs: dict, handle: MultiDelta, backend: str, check_base: bool,
-                  hold: str):
+                  hold: str, tied: bool = False):
+    """``tied``: the weight is also another module's (an lm_head that is the embedding): its delta is the
+    decoded tensor's, as the other module's value is (a stored Δ̂ would skip the rounding to the dtype)."""
     out_features, in_features, transposed = geometry
     extra = set(attrs) - {"weight", "bias"}
     if extra:
@@ -545,7 +641,7 @@ def _multi_linear(module: nn.Module, geometry, attrs: dict, handle: MultiDelta, 
             continue
         f, rec = entry
         _checked_base(f, rec, weight, check_base)
-        if rec.kind in PACKED_KINDS or rec.kind == Kind.SPARSE:  # the stored Δ̂: no base needed
+        if not tied and (_served_kind(rec) in PACKED_KINDS or _served_kind(rec) == Kind.SPARSE):  # the stored Δ̂
             recs.append(packed.load_record(f, rec.name, transpose=transposed))
             continue
         delta = (_fine_tuned(f, rec, weight, False).float() - weight.detach().float().cpu()).numpy()

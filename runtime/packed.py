@@ -199,6 +199,13 @@ def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None, *, t
     result is in the kernels' (out, in) orientation (see ``transposed``).
     """
     rec = dcm_file.record(name)
+    if rec.kind == Kind.ADAPTED:
+        # The inner record: the base's rows, coded against the base cast to the record's dtype (spec
+        # 10.13). The layer adds its Δ̂ to the base as the model holds it; new rows are the caller's.
+        rec = dcm_file.inner_record(name)
+        if rec.kind not in (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.SPARSE):
+            raise UsageError(f"{dcm_file.path}: tensor {name!r}: an adapted {rec.kind_name} record stores no "
+                             f"delta to serve: decode it")
     if len(rec.shape) != 2:
         raise UsageError(f"{dcm_file.path}: tensor {name!r} of shape {list(rec.shape)} is not a linear weight")
     loaders = {Kind.LOWRANK_MIXED: _mixed, Kind.LOWRANK: _lowrank, Kind.SPARSE_LOWRANK: _sparse_lowrank,
@@ -206,7 +213,7 @@ def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None, *, t
     if rec.kind in loaders and not (transpose and rec.kind == Kind.SIGN):
         out = loaders[rec.kind](dcm_file, rec)
     elif rec.kind in loaders or rec.kind == Kind.SPARSE:
-        out = DenseRecord(tuple(rec.shape), dcm_file.stored_delta(name), rec.kind)
+        out = DenseRecord(tuple(rec.shape), dcm_file.stored_delta(name).reshape(rec.shape), rec.kind)
     elif base_weight is None:
         raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor to load as a delta")
     else:

@@ -63,18 +63,27 @@ def unrounded(base_path, path, dtype=torch.float32):
     tensors, where the decoded checkpoint rounds W + Δ̂ to bf16 and a packed delta does not."""
     model = load(base_path, dtype)
     state = model.state_dict()
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    tied = {name for name in linear if len(tied_names(model, name)) > 1}
     with dcm.open(path) as f, Checkpoint(base_path) as base, torch.no_grad():
         for rec in f.records():
             if rec.kind == dcm.constants.Kind.REMOVED:
                 continue
-            if rec.kind in dcm.constants.LOSSY_KINDS and rec.name in linear:
+            # a lossy record (an adapted one around a lossy kind too: its Δ̂ against the base as held)
+            if dcm.records.is_lossy(f.index_entry(rec.name)) and rec.name in linear - tied:
                 value = torch.from_numpy(f.stored_delta(rec.name)) + state[rec.name].float()
             else:
                 array = f.tensor(rec.name, base.read(rec.name) if rec.name in base else None)
                 value = torch.from_numpy(dcm.dtypes.to_float32(array, rec.dtype))
             state[rec.name].copy_(value)
     return model
+
+
+def tied_names(model, name) -> list:
+    """Every name of the model's tensor ``name`` (more than one when tied)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    return [n for n, t in tensors.items() if t is tensors[name]]
 
 
 class Files:
@@ -206,6 +215,142 @@ def test_float32_checkpoint_loaded_in_bfloat16(files):
         # as that model is from itself in float32
         assert max_diff(got, want) <= 2 * max_diff(want, exact), hold
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9, hold
+
+
+# --- item 4: a fine-tune saved in another dtype than its base ---------------------------------------
+
+
+def file_kinds(path) -> dict:
+    """{(kind, inner kind or None): records}."""
+    out: dict = {}
+    for row in dcm.info(path)["records"]:
+        key = (row["kind"], row["inner"])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("base_dtype,ft_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_finetune_of_another_dtype_is_coded_as_a_delta(files, family, base_dtype, ft_dtype):
+    """Every tensor is an adapted record against the base cast to the fine-tune's dtype: lossless is
+    bit-exact for the fine-tune's bytes; delta-come codes every matrix within budget, and its file is about
+    the size of a same-dtype pair's (it was 10.5x / 24.7x larger, every tensor stored whole)."""
+    label = f"{base_dtype}-{ft_dtype}"
+    kw = dict(base_dtype=base_dtype, ft_dtype=ft_dtype)
+    exact = files.encode(family, f"{label}-lossless", **kw)
+    assert set(file_kinds(exact)) == {("adapted", "dense-delta")}
+    decoded = files.decode(family, f"{label}-lossless", base_dtype=base_dtype)
+    assert hf_tensors(decoded) == hf_tensors(model_dir(family, "ft1", ft_dtype))
+    x = ids()
+    assert torch.equal(logits(load(decoded), x), logits(load(model_dir(family, "ft1", ft_dtype)), x))
+
+    lossy = files.encode(family, f"{label}-delta-come", method="delta-come", ratio=RATIO, **kw)
+    same = files.encode(family, f"{ft_dtype}-{ft_dtype}-delta-come", method="delta-come", ratio=RATIO,
+                        base_dtype=ft_dtype, ft_dtype=ft_dtype)
+    assert ("adapted", "lowrank-mixed") in file_kinds(lossy) and ("full", None) not in file_kinds(lossy)
+    assert dcm.info(lossy)["totals"]["compressed"]["bits_per_param"] <= 16 * 1 / 16 + 1e-9
+    assert files.report(family, f"{label}-delta-come").coverage.coded_tensors == matrices(model_dir(family))
+    size, same_size = os.path.getsize(lossy), os.path.getsize(same)
+    print(family, label, "delta-come bytes", size, "same-dtype pair", same_size)
+    assert size < 1.25 * same_size
+    ft, base = logits(load(model_dir(family, "ft1", ft_dtype)), x), logits(load(model_dir(family, "base", base_dtype)), x)
+    assert gain(logits(load(files.decode(family, f"{label}-delta-come", base_dtype=base_dtype)), x), base, ft) > 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_finetune_of_another_dtype_patched(files, family):
+    """A bf16 fine-tune of an fp32 base served on the fp32 base: merged is the decoded model exactly; packed
+    and factors add the inner Δ̂ to the base as held; multi serves it beside a same-dtype delta."""
+    kw = dict(base_dtype="float32", ft_dtype="bfloat16")
+    path = files.encode(family, "float32-bfloat16-delta-come", method="delta-come", ratio=RATIO, **kw)
+    decoded = files.decode(family, "float32-bfloat16-delta-come")
+    x = ids()
+    merged = patch_model(load(model_dir(family)), path, backend="torch", hold="merged")
+    assert torch.equal(logits(merged, x), logits(load(decoded), x))
+    want = logits(unrounded(model_dir(family), path), x)
+    for hold in ("packed", "factors"):
+        model = patch_model(load(model_dir(family)), path, backend="torch", hold=hold)
+        assert sum(isinstance(m, DeltaLinear) for m in model.modules()) >= 4 * tiny_llms.LAYERS, hold
+        assert max_diff(logits(model, x), want) < LOGIT_ATOL, hold
+    other, other_decoded = delta_come(files, family, "ft2")
+    model = load(model_dir(family))
+    handle = patch_model_multi(model, [path, other, None], backend="torch")
+    which = torch.tensor([0, 1, 2])
+    with handle.use(which):
+        got = logits(model, x)
+    assert max_diff(got[:1], want[:1]) < LOGIT_ATOL
+    assert max_diff(got[1:2], logits(load(other_decoded), x[1:2])) < LOGIT_ATOL
+    assert max_diff(got[2:], logits(load(model_dir(family)), x[2:])) < LOGIT_ATOL
+
+
+# --- item 5: a resized vocabulary ---------------------------------------------------------------------
+
+
+def vocab_ids(family, n=2, seq=SEQ):
+    """Held-out ft1 text through the resized tokenizer: the added tokens occur."""
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir(family, "ft1-vocab"))
+    out = torch.tensor(tok(tiny_llms.corpus("ft1")[-20_000:])["input_ids"][:n * seq]).reshape(n, seq)
+    assert int(out.max()) >= tiny_llms.VOCAB  # new tokens in the input
+    return out
+
+
+def grown_rows(family) -> int:
+    with Checkpoint(model_dir(family, "ft1-vocab")) as ckpt:
+        return max(ckpt.info(n).shape[0] for n in ckpt.names() if len(ckpt.info(n).shape) == 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resized_vocabulary_codec(files, family):
+    """embed_tokens / lm_head with more rows: adapted records (the shared rows' delta, the new rows whole);
+    lossless bit-exact; delta-come codes them within budget, its file close to the same-vocabulary one's
+    (it was 11.5x larger)."""
+    exact = files.encode(family, "vocab-lossless", ft="ft1-vocab")
+    kinds = file_kinds(exact)
+    assert ("full", None) not in kinds and kinds[("adapted", "dense-delta")] == (1 if family in TIED else 2)
+    decoded = files.decode(family, "vocab-lossless")
+    assert hf_tensors(decoded) == hf_tensors(model_dir(family, "ft1-vocab"))
+    lossy = files.encode(family, "vocab-delta-come", ft="ft1-vocab", method="delta-come", ratio=RATIO)
+    assert ("full", None) not in file_kinds(lossy)
+    assert dcm.info(lossy)["totals"]["compressed"]["bits_per_param"] <= 16 * 1 / 16 + 1e-9
+    same, _ = delta_come(files, family)
+    size, same_size = os.path.getsize(lossy), os.path.getsize(same)
+    print(family, "resized-vocabulary delta-come bytes", size, "same vocabulary", same_size)
+    assert size < 1.5 * same_size
+    x = vocab_ids(family)
+    ft = logits(load(model_dir(family, "ft1-vocab")), x)
+    got = logits(load(files.decode(family, "vocab-delta-come")), x)
+    assert float((got - ft).norm() / ft.norm()) < 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "gpt2", "gemma"])
+@pytest.mark.parametrize("label", ["lossless", "delta-come"])
+def test_resized_vocabulary_patched(files, family, label):
+    """patch_model grows the embedding and lm_head (ties kept) of the base as loaded, or fills a base the
+    user resized; each hold mode computes the decoded model, generate() included; multi refuses clearly."""
+    kwargs = {} if label == "lossless" else {"method": "delta-come", "ratio": RATIO}
+    path = files.encode(family, f"vocab-{label}", ft="ft1-vocab", **kwargs)
+    decoded = load(files.decode(family, f"vocab-{label}"))
+    rows = grown_rows(family)
+    x = vocab_ids(family)
+    want = logits(decoded, x)
+    for hold in ("packed", "factors", "merged"):
+        model = patch_model(load(model_dir(family)), path, backend="torch", hold=hold)
+        assert model.get_input_embeddings().weight.shape[0] == rows, hold
+        assert model.get_output_embeddings().weight.shape[0] == rows if hold == "merged" or label == "lossless" \
+            or family in TIED else model.get_output_embeddings().base.weight.shape[0] == rows, hold
+        assert model.config.vocab_size == rows
+        if family in TIED:
+            emb = model.get_input_embeddings().weight
+            assert model.get_output_embeddings().weight is emb, hold
+        assert max_diff(logits(model, x), want) < LOGIT_ATOL, hold
+    resized = load(model_dir(family))
+    resized.resize_token_embeddings(rows, mean_resizing=False)
+    patch_model(resized, path, backend="torch")
+    assert max_diff(logits(resized, x), want) < LOGIT_ATOL
+    prompt = x[:1, :12]
+    assert same_generation(generate(resized, prompt, 8), decoded, prompt, 8)
+    with pytest.raises(dcm.errors.UsageError, match="resized vocabulary"):
+        patch_model_multi(load(model_dir(family)), [path, None], backend="torch")
 
 
 # --- hold modes --------------------------------------------------------------------------------------
