@@ -56,12 +56,14 @@ def split(ft: np.ndarray, base: np.ndarray, ft_dtype: str, base_dtype: str):
     return shared, cast(base, base_dtype, ft_dtype), new
 
 
-def encode(method, name: str, ft: np.ndarray, base: np.ndarray, ft_dtype: str, base_dtype: str) -> tuple:
-    """(Kind.ADAPTED, params, raws) of a fine-tuned tensor against a base of another dtype or fewer rows."""
+def encode(method, name: str, ft: np.ndarray, base: np.ndarray, ft_dtype: str, base_dtype: str,
+           plan=None) -> tuple:
+    """(Kind.ADAPTED, params, raws) of a fine-tuned tensor against a base of another dtype or fewer rows;
+    ``plan``: the method's plan of the inner matrix (``coverage.planned`` lists it as an ``InnerInfo``)."""
     shared, adapted_base, new = split(ft, base, ft_dtype, base_dtype)
     coded = None
     if method.wants_tensor(name, ft_dtype, shared.shape):
-        coded = method.encode_tensor(name, shared, adapted_base, ft_dtype)
+        coded = method.encode_tensor(name, shared, adapted_base, ft_dtype, plan)
     if coded is None:
         coded = (Kind.DENSE_DELTA, *DenseDelta.encode(shared, adapted_base))
     kind, params, raws = coded

@@ -537,10 +537,14 @@ def open_stats(path) -> CalibrationStats | None:
 
 
 class HessianCache:
-    """Input Hessians of one matrix at a time: a method asks for the same one several times in a row."""
+    """Input Hessians of one matrix at a time: a method asks for the same one several times in a row.
+
+    Safe when tensors are coded in parallel threads (the name and its Hessian are
+    replaced together); a copy sent to a worker process starts empty.
+    """
 
     def __init__(self, stats: CalibrationStats | None):
-        self.stats, self.name, self.value = stats, None, None
+        self.stats, self._entry = stats, (None, None)
 
     def get(self, name: str, shape):
         """The (n, n) Hessian of matrix ``name`` of ``shape`` (m, n) over its second axis, or None."""
@@ -552,12 +556,20 @@ class HessianCache:
         weight stored in × out (``Conv1D``); (None, None) without statistics of that size."""
         if self.stats is None:
             return None, None
-        if self.name != name:
+        cached, value = self._entry
+        if cached != name:
             h = self.stats.hessian(name)
             axis = 0 if name in self.stats.transposed else 1
             fits = h is not None and h.shape == (shape[axis], shape[axis])
-            self.name, self.value = name, (h, axis) if fits else (None, None)
-        return self.value
+            value = (h, axis) if fits else (None, None)
+            self._entry = (name, value)
+        return value
+
+    def __getstate__(self):
+        return {"stats": self.stats}
+
+    def __setstate__(self, state):
+        self.__init__(state["stats"])
 
     def available(self, name: str, shape) -> bool:
         """Whether the statistics hold a Hessian for this matrix (its shape only: nothing is read)."""

@@ -21,7 +21,7 @@ import sys
 import warnings
 
 from ._version import __version__
-from .errors import EXIT_CODES, DcmError, DcmWarning
+from .errors import EXIT_CODES, DcmError, DcmWarning, UsageError
 
 OS_ERROR_EXIT = 3  # a missing or unreadable path is invalid input
 
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the method only to tensors matching these patterns")
     p.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="GLOB",
                    help="never apply the method to tensors matching these patterns")
-    p.add_argument("--zstd-level", type=int, default=3, metavar="N", help="zstd level 1..22 (default: 3)")
+    p.add_argument("--zstd-level", type=int, default=None, metavar="N",
+                   help="zstd level 1..22 of every blob (default: 3, and 1 for the byte planes of exact deltas)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT.dcm if it exists (a regular file, never an input)")
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
@@ -115,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("bitdelta")
     g.add_argument("--scales", choices=("row", "matrix"), default=None,
                    help="one scale per row (default) or per matrix")
+    g = p.add_argument_group("speed (none of these changes the file's bytes, except --device)")
+    g.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="tensors coded at once in this process, each on one thread "
+                        "(default: one per core, at most 8)")
+    g.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="code tensors in N worker processes instead (memory: N tensors' working sets)")
+    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="start a tensor only while the estimated working sets in flight stay under SIZE")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N] (a GPU's file is "
+                        "close to the CPU's, not the same bytes)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="code tensors as Ray tasks (needs dcm[ray]): --ray=HOST:PORT or ray://HOST:PORT of a "
+                        "cluster, --ray=auto for the one `ray start` runs here; alone: RAY_ADDRESS, else a "
+                        "Ray of this machine alone")
+    g.add_argument("--ray-inputs", choices=("shared", "stream"), default="shared",
+                   help="Ray workers read the checkpoints from the same paths (shared storage, default) "
+                        "or get each tensor through Ray's object store (stream)")
     p.set_defaults(func=cmd_encode)
 
     p = add("calibrate", "collect per-layer input statistics of a model on a text, for GPTQ")
@@ -151,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the base and decode every tensor against it")
     p.set_defaults(func=cmd_verify)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be a positive integer")
+    return value
 
 
 def _progress(args) -> bool:
@@ -204,11 +233,18 @@ def cmd_encode(args) -> int:
     # Arguments first, before anything is read (the statistics file is opened by encode itself).
     get_method(args.method, {k: v for k, v in options.items() if k != "calibration"}, ratio=args.ratio,
                include=args.include, exclude=args.exclude, zstd_level=args.zstd_level)
+    executor = None
+    if args.ray is not None:
+        if args.workers or args.threads:
+            raise UsageError("--ray runs every tensor as a Ray task: drop --workers and --threads")
+        from .distributed.ray import RayExecutor
+        executor = RayExecutor(args.ray or None, inputs=args.ray_inputs, device=args.device)
     _note_inputs(args.base, carried=args.finetune)
     report = encode(args.base, args.finetune, args.output, method=args.method, ratio=args.ratio,
                     include=args.include, exclude=args.exclude, options=options,
                     zstd_level=args.zstd_level, overwrite=args.overwrite, progress=_progress(args),
-                    allow_uncoded=args.allow_uncoded)
+                    threads=args.threads, workers=args.workers, executor=executor, device=args.device,
+                    max_memory=args.max_memory, allow_uncoded=args.allow_uncoded)
     if report.params:
         ratio = report.file_bytes / (2 * report.params)
         sizes = (f"{report.bits_per_param:.3f} bits/param, "

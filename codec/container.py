@@ -174,13 +174,25 @@ class ContainerWriter:
         """Append one blob (zstd when that is smaller); return its index entry."""
         raw = memoryview(raw).cast("B")
         encoding, stored = blobs.encode(raw, self.zstd_level if compress else None)
+        return self._append(int(encoding), stored, len(raw), blobs.crc32(stored))
+
+    def add_stored(self, blob) -> dict:
+        """Append a blob a worker already encoded (``jobs.StoredBlob``); return its index entry."""
+        return self._append(blob.encoding, blob.data, blob.raw_length, blob.crc32)
+
+    def _append(self, encoding: int, stored, raw_length: int, crc: int) -> dict:
         offset = align_up(self._end, self.alignment)
         with self.output.errors():
             self._payload.write(bytes(offset - self._end))
             self._payload.write(stored)
         self._end = offset + len(stored)
-        return {"offset": offset, "length": len(stored), "encoding": int(encoding),
-                "raw_length": len(raw), "crc32": blobs.crc32(stored)}
+        return {"offset": offset, "length": len(stored), "encoding": encoding,
+                "raw_length": raw_length, "crc32": crc}
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the data section so far (what ``finish`` copies)."""
+        return self._end
 
     def file_length(self, index: dict, index_bytes: bytes) -> int:
         """The size ``finish(index, index_bytes)`` will give the file."""
@@ -188,8 +200,8 @@ class ContainerWriter:
             return HEADER_SIZE + len(index_bytes)
         return align_up(HEADER_SIZE + len(index_bytes), self.alignment) + self._end
 
-    def finish(self, index: dict, index_bytes: bytes) -> int:
-        """Assemble the file; returns its size in bytes."""
+    def finish(self, index: dict, index_bytes: bytes, progress=None) -> int:
+        """Assemble the file; returns its size in bytes.  ``progress(n)`` is told of each n bytes copied."""
         if len(index_bytes) > MAX_INDEX_BYTES:
             raise LimitError(f"index of {len(index_bytes)} bytes exceeds the limit {MAX_INDEX_BYTES}")
         any_blob = any(True for _ in iter_blobs(index))
@@ -209,7 +221,7 @@ class ContainerWriter:
                     if any_blob:
                         out.write(bytes(data_start - HEADER_SIZE - len(index_bytes)))
                         out.flush()
-                        _copy_file(self._payload_path, out, self._end)
+                        _copy_file(self._payload_path, out, self._end, progress)
             self.output.place(tmp_path)
         except BaseException:
             _unlink(tmp_path)
@@ -231,16 +243,21 @@ class ContainerWriter:
         self.close()
 
 
-def _copy_file(src_path: str, dst, length: int) -> None:
+_COPY_STEP = 1 << 28  # bytes per copy_file_range call: progress between calls
+
+
+def _copy_file(src_path: str, dst, length: int, progress=None) -> None:
     """Append ``length`` bytes of src to dst, in the kernel where it can."""
+    progress = progress or (lambda n: None)
     with open(src_path, "rb") as src:
         copied = 0
         try:
             while copied < length:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied)
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(length - copied, _COPY_STEP))
                 if n == 0:
                     break
                 copied += n
+                progress(n)
         except (OSError, AttributeError):
             src.seek(copied)
             dst.seek(0, os.SEEK_END)
@@ -250,6 +267,7 @@ def _copy_file(src_path: str, dst, length: int) -> None:
                     break
                 dst.write(chunk)
                 copied += len(chunk)
+                progress(len(chunk))
     if copied != length:
         raise OSError(f"short copy of payloads: {copied} of {length} bytes")
 

@@ -1,23 +1,47 @@
-"""``dcm.encode``: base + fine-tune checkpoints -> one .dcm file, one tensor at a time."""
+"""``dcm.encode``: base + fine-tune checkpoints -> one .dcm file, tensors coded in parallel, one writer.
+
+The steps (``jobs.py`` holds the per-tensor work, ``parallel.py`` where it runs):
+
+1. choose how each fine-tune tensor is coded (``jobs.choose_action``) and let the
+   method plan the matrices it wants (``Method.prepare``);
+2. ``--alloc rd``-like methods measure every matrix (in the workers) and
+   allocate centrally (``Method.measure``, ``Method.allocate``);
+3. every tensor is coded by a job (in the workers), and the results are written
+   in file order by this process, the single writer, streaming: blobs go to the
+   payload file as they are accepted.
+
+Budgets: a matrix's budget is its planned share plus its part of what earlier
+matrices could not spend (``budget.Ledger``); jobs run ahead speculatively with
+the budget known when they start and are run again in the rare case that an
+earlier matrix's leftover changed it (unless its record did not need the budget:
+``Method.holds_with_more_budget``).  Whatever the executor, thread count or
+worker count, the file is the one a serial run writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from . import adapted, coverage, methods
+from . import adapted, compute, coverage, jobs, methods
 from ._version import __version__
-from .checkpoint import Checkpoint, TensorStream
+from .checkpoint import Checkpoint
 from .constants import KIND_MINOR, VERSION_MAJOR, Kind
 from .container import ContainerWriter
 from .coverage import Coverage
-from .errors import CoverageError
+from .errors import CoverageError, UsageError
 from .index import check_index, pack_index
-from .reader import base_digest, tensor_sha256
-from .records import DenseDelta, Full
+from .jobs import Action, Job
+from .methods.budget import Ledger
+from .parallel import make_executor, run_ordered
+from .reader import base_digest
 
 
 @dataclass
@@ -28,6 +52,10 @@ class EncodeReport:
     params: int  # elements of the fine-tune's tensors
     finetune_bytes: int  # the fine-tune's own tensor bytes
     seconds: float
+    # Seconds per phase ("plan", "allocate", "code", "write") and per tensor ("measure:NAME", "code:NAME",
+    # time inside its job), for benchmarks; recoded: jobs run again after a budget changed.
+    timings: dict = field(default_factory=dict)
+    recoded: int = 0
     coverage: Coverage | None = None  # what a lossy method coded, and why not the rest
 
     @property
@@ -37,89 +65,6 @@ class EncodeReport:
 
 def _base_ref(info, sha: bytes) -> dict:
     return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
-
-
-class _Encoder:
-    def __init__(self, base: Checkpoint, ft: Checkpoint, writer: ContainerWriter, method, bar):
-        self.base, self.ft, self.writer, self.method, self.bar = base, ft, writer, method, bar
-        self.records = []
-
-    def record(self, name, kind, info, params, raws, base_ref):
-        rec = {"name": name, "kind": int(kind), "dtype": info.dtype, "shape": list(info.shape),
-               "params": params, "blobs": [self.writer.add_blob(raw) for raw in raws]}
-        if base_ref is not None:
-            rec["base"] = base_ref
-        self.records.append(rec)
-
-    def finetune_tensor(self, name):
-        info = self.ft.info(name)
-        base_ref = None
-        if name not in self.base:
-            kind, params, raws = Kind.FULL, *self._full(name)
-        else:
-            base_info = self.base.info(name)
-            kind, params, raws, sha = self._against_base(name, info, base_info)
-            base_ref = _base_ref(base_info, sha)
-        self.record(name, kind, info, params, raws, base_ref)
-        self.bar.update(info.nbytes)
-
-    def _full(self, name):
-        return Full.encode(TensorStream(self.ft, name))
-
-    def _against_base(self, name, info, base_info):
-        """(kind, params, raws, sha256 of the base tensor), holding neither tensor whole.
-
-        Both tensors are streamed in chunks straight into the raw blobs, the base
-        hashed on the way: memory stays near the blobs, one tensor's size.
-        """
-        if (base_info.dtype, base_info.shape) != (info.dtype, info.shape):
-            if adapted.applies(info, base_info):  # another float dtype, more rows: against the adapted base
-                ft, base = self.ft.read(name), self.base.read(name)
-                return (*adapted.encode(self.method, name, ft, base, info.dtype, base_info.dtype), tensor_sha256(base))
-            # Shapes or dtypes differ otherwise: no delta to take.
-            return (Kind.FULL, *self._full(name), self.base.sha256(name))
-        if self.method.wants_tensor(name, info.dtype, info.shape):
-            return self._lossy(name, info)
-        ft, base = TensorStream(self.ft, name), TensorStream(self.base, name, sha256=True)
-        params, raws = DenseDelta.encode(ft, base)
-        return Kind.DENSE_DELTA, params, raws, base.digest()
-
-    def _lossy(self, name, info):
-        """A tensor the method wants: its hook takes both tensors whole (lossless wants none)."""
-        ft, base = self.ft.read(name), self.base.read(name)
-        sha = tensor_sha256(base)
-        lossy = self.method.encode_tensor(name, ft, base, info.dtype)
-        if lossy is not None:
-            return (*lossy, sha)
-        return (Kind.DENSE_DELTA, *DenseDelta.encode(ft, base), sha)
-
-    def removed_tensor(self, name):
-        info = self.base.info(name)
-        ref = _base_ref(info, self.base.sha256(name))
-        self.record(name, Kind.REMOVED, info, {}, [], ref)
-
-    def attachments(self):
-        out = []
-        # Checkpoint lists only files within MAX_ATTACHMENT_BYTES and refuses one that grew since.
-        for relpath in self.ft.attachments():
-            out.append({"name": relpath, "blob": self.writer.add_blob(self.ft.read_attachment(relpath))})
-        return out
-
-
-def _planned(profile, base: Checkpoint, ft: Checkpoint) -> list:
-    """TensorInfo of the tensors the method will code (same dtype and shape in both, selected; for an
-    adapted tensor, its inner record's matrix)."""
-    return coverage.planned(profile, base, ft)
-
-
-def _pair(base: Checkpoint, ft: Checkpoint, name: str) -> tuple:
-    """(fine-tune, base) arrays of a planned matrix, as the method will be given them."""
-    ft_array, base_array = ft.read(name), base.read(name)
-    ft_info, base_info = ft.info(name), base.info(name)
-    if adapted.applies(ft_info, base_info):
-        shared, adapted_base, _ = adapted.split(ft_array, base_array, ft_info.dtype, base_info.dtype)
-        return shared, adapted_base
-    return ft_array, base_array
 
 
 def _kinds(rec: dict) -> tuple:
@@ -136,8 +81,10 @@ def _check_coverage(cov: Coverage) -> None:
 
 
 def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, exclude=None,
-           options: dict | None = None, zstd_level: int = 3, overwrite: bool = False,
-           progress: bool = False, creator: str | None = None, allow_uncoded: bool = True) -> EncodeReport:
+           options: dict | None = None, zstd_level: int | None = None, overwrite: bool = False,
+           progress: bool = False, creator: str | None = None, threads: int | None = None,
+           workers: int | None = None, executor=None, device: str | None = None,
+           max_memory: int | None = None, allow_uncoded: bool = True) -> EncodeReport:
     """Encode ``finetune`` against ``base`` (HF model dirs or .safetensors files) into ``out``.
 
     ``options`` are the method's own (e.g. delta-come: alloc, svd, calibration, recipe).
@@ -145,33 +92,63 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
     says what a lossy method coded; with ``allow_uncoded=False`` (the CLI's
     default) a lossy encode that codes no tensor, or whose file takes more than
     twice its budget, raises CoverageError and writes nothing.
+    ``zstd_level`` (1..22) applies to every blob; by default packed codes get 3 and the
+    byte planes of exact records 1 (``methods.base.DEFAULT_PLANE_ZSTD_LEVEL``).
+    Tensors are coded ``threads`` at a time in this process (default: one per core,
+    at most 8), or by ``workers`` processes, or by ``executor`` (e.g.
+    ``dcm.distributed.ray.RayExecutor``); ``max_memory`` bounds the estimated
+    working sets of the tensors in flight.  None of these changes the file's bytes.
+    ``device`` ("cpu", "cuda") is where the lossy methods' torch numerics run.
     """
     started = time.perf_counter()
     profile = methods.get_method(method, options, ratio=ratio, include=include, exclude=exclude,
                                  zstd_level=zstd_level)
+    device = compute.check_device(device)
+    for label, value in (("threads", threads), ("workers", workers)):
+        if value is not None and (not isinstance(value, int) or value < (0 if label == "workers" else 1)):
+            raise UsageError(f"{label} must be a positive integer, got {value!r}")
+    timings: dict = {}
     inputs = {"base": base, "fine-tune": finetune, "calibration file": (options or {}).get("calibration")}
     with Checkpoint(base) as base_ckpt, Checkpoint(finetune) as ft_ckpt, \
-            ContainerWriter(out, zstd_level=zstd_level, overwrite=overwrite, inputs=inputs) as writer:
-        profile.plan(_planned(profile, base_ckpt, ft_ckpt), lambda name: _pair(base_ckpt, ft_ckpt, name))
-        total = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.names())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
-            enc = _Encoder(base_ckpt, ft_ckpt, writer, profile, bar)
-            for name in ft_ckpt.names():
-                enc.finetune_tensor(name)
-            for name in base_ckpt.names():
-                if name not in ft_ckpt:
-                    enc.removed_tensor(name)
+            ContainerWriter(out, zstd_level=profile.zstd_level, overwrite=overwrite, inputs=inputs) as writer:
+        tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
+        actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
+                   for t in tensors]
+        # the matrices the method codes: for an adapted tensor (another dtype, more rows than the base), its
+        # inner record's matrix (adapted.InnerInfo), in fine-tune order
+        planned = coverage.planned(profile, base_ckpt, ft_ckpt)
+        profile.prepare(planned)
+        executor = executor or make_executor(threads, workers)
+        session = jobs.Session(os.path.abspath(base), os.path.abspath(finetune), profile, device, uuid.uuid4().hex)
+        run = _Run(session, executor, base_ckpt, ft_ckpt, writer, progress, max_memory, timings)
+        with compute.single_threaded() if planned else contextlib.nullcontext():
+            executor.start(session)
+            try:
+                plans = run.plan(planned)
+                enc = run.code(tensors, actions, plans)
+            finally:
+                executor.shutdown()
+                jobs.close_session(session.token)
+        records = enc.records
+        for name in base_ckpt.names():
+            if name not in ft_ckpt:
+                info = base_ckpt.info(name)
+                records.append({"name": name, "kind": int(Kind.REMOVED), "dtype": info.dtype,
+                                "shape": list(info.shape), "params": {}, "blobs": [],
+                                "base": _base_ref(info, base_ckpt.sha256(name))})
         config = profile.get_config()
         if profile.selection.include or profile.selection.exclude:
             config["selection"] = profile.selection.get_config()
-        refs = [(r["name"], r["base"]["sha256"]) for r in enc.records if "base" in r]
+        refs = [(r["name"], r["base"]["sha256"]) for r in records if "base" in r]
         index = {
-            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[k] for r in enc.records for k in _kinds(r)])],
+            "format": [VERSION_MAJOR, max([0] + [KIND_MINOR[k] for r in records for k in _kinds(r)])],
             "creator": creator or f"dcm {__version__}",
             "method": {"name": profile.name, "params": config},
             "base": {"digest": base_digest(refs)},
-            "tensors": enc.records,
-            "attachments": enc.attachments(),
+            "tensors": records,
+            "attachments": [{"name": rel, "blob": writer.add_blob(ft_ckpt.read_attachment(rel))}
+                            # Checkpoint lists only files within MAX_ATTACHMENT_BYTES, refuses one that grew.
+                            for rel in ft_ckpt.attachments()],
         }
         if ft_ckpt.metadata:
             index["checkpoint_metadata"] = dict(ft_ckpt.metadata)
@@ -180,8 +157,148 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         cov = coverage.measure(profile, base_ckpt, ft_ckpt, index, writer.file_length(index, index_bytes))
         if not allow_uncoded:
             _check_coverage(cov)
-        file_bytes = writer.finish(index, index_bytes)
-        kept = [r for r in enc.records if r["kind"] != Kind.REMOVED]
+        t0 = time.perf_counter()
+        with _bar(progress, "write", writer.payload_bytes) as bar:
+            file_bytes = writer.finish(index, index_bytes, progress=bar.update)
+        timings["write"] = time.perf_counter() - t0
+        kept = [r for r in records if r["kind"] != Kind.REMOVED]
         params = sum(math.prod(r["shape"]) for r in kept)
-    return EncodeReport(str(out), file_bytes, len(enc.records), params, total,
-                        time.perf_counter() - started, cov)
+        total = sum(t.nbytes for t in tensors)
+    return EncodeReport(str(out), file_bytes, len(records), params, total, time.perf_counter() - started,
+                        timings, enc.recoded, cov)
+
+
+PROGRESS_DELAY = 1.0  # seconds a phase must last before its bar shows
+
+
+def _bar(progress: bool, desc: str, total: int, unit: str = "B"):
+    """A progress bar on stderr (the caller checks it is a terminal), shown once a phase lasts a second."""
+    try:  # a terminal that reports no size (some pseudo-terminals) would get an empty bar
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, disable=not progress,
+                delay=PROGRESS_DELAY, dynamic_ncols=sized, ncols=None if sized else 100,
+                nrows=None if sized else 24, leave=False, file=sys.stderr)
+
+
+@dataclass
+class _Coded:
+    records: list
+    recoded: int = 0
+
+
+class _Run:
+    """One encode's planning and coding over an executor; the writer stays here."""
+
+    def __init__(self, session, executor, base_ckpt, ft_ckpt, writer, progress, max_memory, timings):
+        self.session, self.executor = session, executor
+        self.base_ckpt, self.ft_ckpt, self.writer = base_ckpt, ft_ckpt, writer
+        self.progress, self.max_memory, self.timings = progress, max_memory, timings
+
+    def _job(self, info, action, plan=None) -> Job:
+        arrays = None
+        if self.executor.streams_inputs:  # the workers cannot read the paths: send the tensors
+            base = self.base_ckpt.read(info.name) if action is not Action.FULL else None
+            arrays = (self.ft_ckpt.read(info.name), base)
+        base_dtype = self.base_ckpt.info(info.name).dtype if info.name in self.base_ckpt else None
+        return Job(info.name, info.dtype, tuple(info.shape), action, plan, arrays,
+                   self._working_bytes(info, action), base_dtype)
+
+    def _working_bytes(self, info, action) -> int:
+        if action is Action.LOSSY:
+            return self.session.method.working_bytes(info)
+        if action is Action.ADAPTED:  # the cast base beside both tensors; the method's, if it codes the rows
+            lossy = self.session.method.working_bytes(info) if self.session.method.codes_tensors() else 0
+            return 3 * info.nbytes + lossy
+        return 2 * info.nbytes  # byte planes and their compressed copies
+
+    @staticmethod
+    def _outsize_first(weights: list[int]) -> list[int]:
+        """Submission order: tensors far above the median work (an LLM's embedding and head) first, so a
+        worker is not left alone with one at the end; then file order."""
+        if not weights:
+            return []
+        median = sorted(weights)[len(weights) // 2]
+        return sorted(range(len(weights)), key=lambda i: (weights[i] <= 4 * median, i))
+
+    def plan(self, planned) -> dict:
+        """Each planned matrix's TensorPlan: measured in the workers when the method needs it."""
+        method = self.session.method
+        measures = {}
+        if method.measures and planned:
+            t0 = time.perf_counter()
+            with _bar(self.progress, "plan", len(planned), unit="matrix") as bar:
+                def accept(i, result):
+                    measures[planned[i].name] = result.value
+                    self.timings[f"measure:{result.name}"] = result.seconds
+                    bar.set_postfix_str(result.name, refresh=False)
+                    bar.update(1)
+                    return False
+                weights = [self._working_bytes(t, Action.LOSSY) for t in planned]
+                run_ordered(self.executor, jobs.measure_tensor, len(planned),
+                            lambda i, _: self._job(planned[i], Action.LOSSY), accept=accept,
+                            working_bytes=weights.__getitem__, memory_limit=self.max_memory,
+                            describe=lambda i: f"tensor {planned[i].name!r}", order=self._outsize_first(weights))
+            self.timings["plan"] = time.perf_counter() - t0
+            if self.progress:  # one step, no bar: say what the wait is for
+                print(f"allocate: {len(planned)} matrices ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        plans = method.allocate(planned, measures)
+        self.timings["allocate"] = time.perf_counter() - t0
+        return plans
+
+    def code(self, tensors, actions, plans) -> _Coded:
+        method = self.session.method
+        budgets = {n: p.budget for n, p in plans.items() if p.budget is not None}
+        ledger = None
+        if method.carries_leftover and budgets:
+            ledger = Ledger(budgets, [t.name for t in tensors], {t.name: math.prod(t.shape) for t in tensors})
+        out = _Coded([])
+        submitted = set()
+
+        def version(i):
+            name = tensors[i].name
+            return ledger.budget(name) if ledger is not None and name in ledger.plans else None
+
+        def make(i, budget):
+            info, plan = tensors[i], plans.get(tensors[i].name)
+            if budget is not None:
+                plan = replace(plan, budget=budget)
+            if info.name in submitted:
+                out.recoded += 1
+            submitted.add(info.name)
+            return self._job(info, actions[i], plan)
+
+        t0 = time.perf_counter()
+        with _bar(self.progress, "encode", sum(t.nbytes for t in tensors)) as bar:
+            def accept(i, result):
+                info = tensors[i]
+                rec = {"name": info.name, "kind": result.kind, "dtype": info.dtype, "shape": list(info.shape),
+                       "params": result.params, "blobs": [self.writer.add_stored(b) for b in result.blobs]}
+                if result.base_sha256 is not None:
+                    rec["base"] = _base_ref(self.base_ckpt.info(info.name), result.base_sha256)
+                out.records.append(rec)
+                self.timings[f"code:{info.name}"] = result.seconds
+                bar.set_postfix_str(info.name, refresh=False)
+                bar.update(info.nbytes)
+                budget = version(i)  # the matrix's final budget (a reused result may have had less)
+                if ledger is None or budget is None:
+                    return False
+                return ledger.settle(info.name, budget, result.cost(info.dtype, info.shape))
+
+            def reusable(i, result, budget):
+                # A record that did not need all of its budget is what a larger one gives too.
+                return result.holds_with_more_budget and budget is not None and result.budget is not None \
+                    and budget >= result.budget
+            weights = [self._working_bytes(t, a) for t, a in zip(tensors, actions)]
+            # What a result holds until it is written: a lossy record about its budget, an exact one
+            # at most its tensor's size.
+            sizes = [budgets.get(t.name, t.nbytes // 8) if a is Action.LOSSY else t.nbytes
+                     for t, a in zip(tensors, actions)]
+            run_ordered(self.executor, jobs.code_tensor, len(tensors), make, accept=accept, version=version,
+                        working_bytes=weights.__getitem__, memory_limit=self.max_memory,
+                        describe=lambda i: f"tensor {tensors[i].name!r}", order=self._outsize_first(weights),
+                        result_bytes=sizes.__getitem__, reusable=reusable)
+        self.timings["code"] = time.perf_counter() - t0
+        return out

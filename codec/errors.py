@@ -146,6 +146,13 @@ class WrongBaseError(DcmError):
     exit_code = 5
 
 
+# --- parallel and distributed encoding -------------------------------------------
+
+
+class WorkerError(DcmError):
+    """A worker process or cluster task died while coding a tensor; nothing was written."""
+
+
 class DcmWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it)."""
 
@@ -195,6 +202,7 @@ ERROR_CODES: dict[str, tuple[int, type[DcmError]]] = {
     "E_PAYLOAD_CHECKSUM": (32, PayloadChecksumError),
     "E_WRONG_BASE": (40, WrongBaseError),
     "E_OUTPUT": (41, OutputError),
+    "E_WORKER": (42, WorkerError),
 }
 
 for _code, (_number, _cls) in ERROR_CODES.items():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Set-up's last step: every module dcm, its [runtime,hf,test] extras and the test suite need must import.
+"""Set-up's last step: every module dcm, its [runtime,hf,ray,test] extras and the test suite need must import.
 
 A module that is installed but does not import (a broken wheel, a missing shared
 library, another interpreter) would otherwise show up only as skipped tests, or
@@ -20,15 +20,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REQUIRED = [
     # dcm's own dependencies
-    "numpy", "msgpack", "zstandard", "safetensors", "tqdm",
+    "numpy", "msgpack", "zstandard", "safetensors", "tqdm", "threadpoolctl",
     # [runtime]
     "torch", "triton",
     # [hf]
     "transformers",
+    # [ray]
+    "ray",
     # [test]
     "pytest", "hypothesis",
     # dcm itself, the runtime and its kernels (imports torch and triton for real)
-    "dcm", "dcm.runtime", "dcm.runtime.triton_backend",
+    "dcm", "dcm.runtime", "dcm.runtime.triton_backend", "dcm.distributed.ray",
 ]
 
 
@@ -46,7 +48,7 @@ def main() -> int:
             print(f"setup: FAIL: cannot import {line}", file=sys.stderr)
         print(f"setup: FAIL: {len(failed)} of {len(REQUIRED)} required modules do not import", file=sys.stderr)
         return 1
-    shown = ", ".join(f"{n} {versions[n]}" for n in ("dcm", "torch", "triton", "transformers", "numpy"))
+    shown = ", ".join(f"{n} {versions[n]}" for n in ("dcm", "torch", "triton", "transformers", "numpy", "ray"))
     print(f"setup: ok: all {len(REQUIRED)} required modules import: {shown}")
     return 0
 

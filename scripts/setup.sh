@@ -3,7 +3,8 @@
 #
 # 1. torch==2.13.0 first: on this kind of machine pip takes the CPU build from
 #    local disk; a bare `torch` requirement would pull a multi-GB CUDA build.
-# 2. the project itself, editable, with the runtime, Hugging Face and test extras.
+# 2. the project itself, editable, with the runtime, Hugging Face, Ray and test extras
+#    (the Ray tests start a local cluster: Ray installs from its wheel, no build).
 # 3. a check that every required module imports (scripts/check_imports.py).
 #
 # Re-running it is cheap: pip only checks what is already there.
@@ -24,8 +25,8 @@ else
     "${PIP[@]}" "torch==2.13.0"
 fi
 
-echo "setup: installing dcm (editable) with extras [runtime,hf,test]"
-"${PIP[@]}" -e ".[runtime,hf,test]"
+echo "setup: installing dcm (editable) with extras [runtime,hf,ray,test]"
+"${PIP[@]}" -e ".[runtime,hf,ray,test]"
 
 # 3. every required module must import (torch, triton, transformers, ...): a missing
 #    one fails here, not as tests that skip later.

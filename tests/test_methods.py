@@ -60,7 +60,7 @@ class _StoreWhole(methods.Method):
     name = "test-store-whole"
     takes_ratio = True
 
-    def encode_tensor(self, name, ft, base, dtype_name):
+    def encode_tensor(self, name, ft, base, dtype_name, plan=None):
         return (Kind.FULL, *Full.encode(ft))
 
 

@@ -419,7 +419,7 @@ def test_failure_during_encode_leaves_nothing(small_pair, tmp_path, monkeypatch,
     if where == "tensor":
         monkeypatch.setattr(records.Full, "encode", staticmethod(boom))
     elif where == "attachments":
-        monkeypatch.setattr(importlib.import_module("dcm.encode")._Encoder, "attachments", boom)
+        monkeypatch.setattr(importlib.import_module("dcm.checkpoint").Checkpoint, "read_attachment", boom)
     else:
         monkeypatch.setattr(container, "_copy_file", boom)
     with pytest.raises(CheckpointError, match="injected"):

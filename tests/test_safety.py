@@ -547,7 +547,7 @@ def test_item14_disk_full_and_read_only_name_the_output(pair, encoded, tmp_path,
     import dcm.checkpoint as checkpoint_module
     import dcm.container as container_module
 
-    def disk_full(src, dst, length):
+    def disk_full(src, dst, length, progress=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst.name)
     with monkeypatch.context() as m:
         m.setattr(container_module, "_copy_file", disk_full)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import blobs, lowrank, quant
 from ..lowrank import BitGroup
+from . import accel
 from .svd import rank_cap
 
 
@@ -88,9 +89,9 @@ class Candidates:
         wu, wv = weigh(u, u_side), weigh(v, v_side)
         dist, cost = [s2 * wu * wv], [0.0]
         for b in widths:
-            qu, qv = quant.rtn(u, b, group_size), quant.rtn(v, b, group_size)
-            du = u - quant.dequantize(*qu, group_size)
-            dv = v - quant.dequantize(*qv, group_size)
+            qu, qv = accel.rtn(u, b, group_size), accel.rtn(v, b, group_size)
+            du = u - accel.dequantize(*qu, group_size)
+            dv = v - accel.dequantize(*qv, group_size)
             dist.append(s2 * (weigh(dv, v_side) * wu + weigh(du, u_side) * wv))
             shrink = _stored_share(shape, b, group_size, svd.s[:k], qv, qu, zstd_level)
             cost.append(vector_bytes(shape, b, group_size) * shrink)
@@ -164,19 +165,7 @@ def top_up(candidates, chosen, total: int, record_cost, group_size: int, moves: 
     chosen = [w.copy() for w in chosen]
     costs = [estimated_cost(c, w, record_cost, group_size) for c, w in zip(candidates, chosen)]
     spent = sum(costs)
-    options = []
-    for ci, (c, w) in enumerate(zip(candidates, chosen)):
-        if not len(c.dist):
-            continue
-        now = np.searchsorted(c.widths, w)
-        for j in range(1, len(c.widths)):
-            gain = c.dist[np.arange(len(w)), now] - c.dist[:, j]
-            extra = c.cost[j] - c.cost[now]
-            ok = (j > now) & (gain > 0)
-            for i in np.flatnonzero(ok):
-                options.append((gain[i] / max(extra[i], 1e-9), ci, int(i), int(c.widths[j]), int(w[i])))
-    options.sort(reverse=True)
-    for _, ci, i, width, was in options[:moves]:
+    for ci, i, width, was in _best_moves(candidates, chosen, moves):
         if chosen[ci][i] != was:  # this vector already moved
             continue
         chosen[ci][i] = width
@@ -186,3 +175,30 @@ def top_up(candidates, chosen, total: int, record_cost, group_size: int, moves: 
         else:
             chosen[ci][i] = was
     return chosen
+
+
+def _best_moves(candidates, chosen, moves: int):
+    """The ``moves`` widenings (matrix, vector, width, width now) of the largest error drop per byte.
+
+    In numpy over every vector of every matrix (a 7B model has ~10⁶ of them), keeping only the
+    best; ties are broken as a descending sort of (ratio, matrix, vector, width) would.
+    """
+    ratio, where = [], []
+    for ci, (c, w) in enumerate(zip(candidates, chosen)):
+        if not len(c.dist):
+            continue
+        now = np.searchsorted(c.widths, w)
+        for j in range(1, len(c.widths)):
+            gain = c.dist[np.arange(len(w)), now] - c.dist[:, j]
+            extra = c.cost[j] - c.cost[now]
+            ok = np.flatnonzero((j > now) & (gain > 0))
+            ratio.append(gain[ok] / np.maximum(extra[ok], 1e-9))
+            where.append(np.stack([np.full(ok.size, ci), ok, np.full(ok.size, c.widths[j]), w[ok]], axis=1))
+    if not ratio:
+        return []
+    ratio, where = np.concatenate(ratio), np.concatenate(where).astype(np.int64)
+    if ratio.size > moves:  # everything at least as good as the moves-th best (ties included)
+        keep = ratio >= np.partition(ratio, ratio.size - moves)[ratio.size - moves]
+        ratio, where = ratio[keep], where[keep]
+    order = np.lexsort((-where[:, 2], -where[:, 1], -where[:, 0], -ratio))[:moves]
+    return [tuple(int(v) for v in row) for row in where[order]]

@@ -21,7 +21,7 @@ from ..checkpoint import TensorInfo
 from ..constants import Kind, MaskEncoding, Packing, SignScales
 from ..errors import UsageError
 from . import budget
-from .base import BudgetedMethod
+from .base import BudgetedMethod, TensorPlan
 from .svd import exact_svd, rank_cap
 
 MASK_CHOICES = ("auto", "hash", "bitmask")
@@ -31,14 +31,15 @@ class BitDelta(BudgetedMethod):
     """Sign bits and mean|Δ| scales; under a ratio, the rows with the largest scales (file-wide)."""
 
     name = "bitdelta"
+    carries_leftover = False  # its size is the rows chosen, file-wide, in allocate
     default_ratio = None  # by default every row; with a ratio, only as many rows as it pays for
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, scales: str = "row"):
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, scales: str = "row"):
         super().__init__(ratio, include, exclude, zstd_level)
         if scales not in ("row", "matrix"):
             raise UsageError(f"scales must be 'row' or 'matrix', got {scales!r}")
         self.scales = SignScales.ROW if scales == "row" else SignScales.MATRIX
-        self.chosen: dict[str, np.ndarray] = {}  # rows each matrix codes, under a ratio
+        self.room = 0  # bytes for sign rows once every record's fixed part is paid (prepare)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -62,13 +63,11 @@ class BitDelta(BudgetedMethod):
             return magnitude.mean(axis=1)
         return np.full(delta.shape[0], magnitude.mean())
 
-    def plan(self, tensors, load) -> None:
-        """Under a ratio: the rows to code, file-wide, largest scale first.
+    @property
+    def measures(self) -> bool:
+        return self.ratio is not None
 
-        Coding row a with scale α lowers the squared error by n·α² and costs n bits,
-        so the best rows per byte are those of the largest α, whatever their matrix
-        (a matrix's rows go together with one scale per matrix).
-        """
+    def prepare(self, tensors) -> None:
         if self.ratio is None:
             return
         total = budget.total_budget(self.ratio, tensors)
@@ -76,33 +75,48 @@ class BitDelta(BudgetedMethod):
         if fixed > total:
             raise UsageError(f"bitdelta at ratio {self.ratio}: the {len(tensors)} matrices need at least {fixed} "
                              f"bytes, the budget is {total}; raise the ratio or --exclude small tensors")
+        self.room = total - fixed
+
+    def measure(self, name, ft, base, dtype_name) -> np.ndarray:
+        delta = dtypes.to_float32(ft, dtype_name)
+        delta -= dtypes.to_float32(base, dtype_name)
+        return self.row_scales(delta)
+
+    def allocate(self, tensors, measures) -> dict[str, TensorPlan]:
+        """Under a ratio: the rows to code, file-wide, largest scale first.
+
+        Coding row a with scale α lowers the squared error by n·α² and costs n bits,
+        so the best rows per byte are those of the largest α, whatever their matrix
+        (a matrix's rows go together with one scale per matrix).
+        """
+        if self.ratio is None:
+            return {}
         units = []  # (scale, bytes, matrix, first row, rows)
         for i, t in enumerate(tensors):
-            ft, base = load(t.name)
-            delta = dtypes.to_float32(ft, t.dtype) - dtypes.to_float32(base, t.dtype)
-            alpha = self.row_scales(delta)
+            alpha = measures[t.name]
             m, n = t.shape
             if self.scales == SignScales.ROW:
                 units += [(a, n / 8, i, r, 1) for r, a in enumerate(alpha)]
             else:
                 units.append((alpha[0], m * n / 8, i, 0, m))
         units.sort(key=lambda u: -u[0])
-        left = total - fixed
-        self.chosen = {t.name: np.zeros(t.shape[0], dtype=bool) for t in tensors}
+        left = self.room
+        chosen = {t.name: np.zeros(t.shape[0], dtype=bool) for t in tensors}
         for alpha, nbytes, i, first, rows in units:
             if alpha == 0:
                 break
             if nbytes > left:
                 continue
             left -= nbytes
-            self.chosen[tensors[i].name][first:first + rows] = True
+            chosen[tensors[i].name][first:first + rows] = True
+        return {name: TensorPlan(data=rows) for name, rows in chosen.items()}
 
-    def encode_tensor(self, name, ft, base, dtype_name):
+    def encode_tensor(self, name, ft, base, dtype_name, plan=None):
         delta = dtypes.to_float32(ft, dtype_name)
         delta -= dtypes.to_float32(base, dtype_name)
         scales = self.row_scales(delta).astype(np.float32)
-        if name in self.chosen:
-            scales[~self.chosen[name]] = 0
+        if plan is not None and plan.data is not None:
+            scales[~plan.data] = 0
         if self.scales == SignScales.MATRIX:
             scales = scales[:1]
         raw = baseline_payloads.pack_sign(ft.shape, self.scales, scales, delta >= 0)
@@ -151,7 +165,7 @@ def _mask_option(mask: str) -> str:
 class Dare(BudgetedMethod):
     name = "dare"
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  mask: str = "auto"):
         super().__init__(ratio, include, exclude, zstd_level, seed)
         self.mask = _mask_option(mask)

@@ -82,28 +82,59 @@ def share_budgets(tensors, total: int, floor) -> dict[str, int]:
 
 
 class FileBudget:
-    """A file's budget shared over its matrices by size; what one leaves unspent goes to those after it."""
+    """A file's budget shared over its matrices by size (a floor for tiny ones)."""
 
     def __init__(self, ratio, tensors, floor):
         self.total = total_budget(ratio, tensors)
         self.shares = share_budgets(tensors, self.total, floor) if tensors else {}
-        self.pending = sum(math.prod(t.shape) for t in tensors)  # parameters not yet encoded
-        self.carry = 0
 
     def overspent(self) -> bool:
         return sum(self.shares.values()) > self.total
 
-    def take(self, name: str, numel: int, ratio) -> int:
-        """This matrix's budget: its share plus its part (by size) of what earlier ones left."""
-        if name not in self.shares:  # not planned (a direct call): this matrix alone at the ratio
-            return int(ratio * 16 * numel) // 8
-        extra = self.carry * numel // self.pending if self.pending > 0 else 0
-        self.pending -= numel
-        self.carry -= extra
-        return self.shares[name] + extra
 
-    def spend(self, budget: int, cost: int) -> None:
-        self.carry += budget - cost
+CARRY_MIN_SHARE = 0.02  # a matrix leaving at least this share of its budget unspent passes it on
+
+
+class Ledger:
+    """Bytes that matrices could not spend, passed on to the matrices after them in file order.
+
+    A matrix whose record takes less than its budget (its delta has a lower rank
+    than the budget pays for; zstd shrank a blob it cannot grow further) leaves
+    the rest to the matrices after it, shared by size.  Only leftovers of at
+    least ``CARRY_MIN_SHARE`` of the budget travel: the slack every fit leaves
+    (a fraction of one vector) stays unspent, so that a matrix's budget almost
+    always is its planned share, known before any matrix is coded, and tensors
+    can be coded in parallel, speculatively: ``budget(name)`` once every earlier
+    matrix is ``settle``-d is the one budget the file may use for it, whatever
+    ran in parallel, so the bytes never depend on how many workers there were.
+    """
+
+    def __init__(self, plans: dict[str, int], order: list[str], numel: dict[str, int]):
+        self.plans = dict(plans)  # name -> planned budget
+        self.position = {}
+        names = [n for n in order if n in self.plans]
+        for i, name in enumerate(names):
+            self.position[name] = i
+        self.numel = [numel[n] for n in names]
+        self.after = [0] * len(names)  # parameters of the planned matrices after position i
+        for i in range(len(names) - 2, -1, -1):
+            self.after[i] = self.after[i + 1] + self.numel[i + 1]
+        self.events: list[tuple[int, int]] = []  # (position, bytes left) of matrices settled with a leftover
+
+    def budget(self, name: str) -> int:
+        """The planned budget plus this matrix's part of every leftover settled so far before it."""
+        j = self.position[name]
+        extra = sum(left * self.numel[j] // self.after[i] for i, left in self.events if i < j)
+        return self.plans[name] + extra
+
+    def settle(self, name: str, budget: int, cost: int) -> bool:
+        """Record what ``name`` spent of ``budget``; True when its leftover goes to later matrices."""
+        i = self.position[name]
+        left = budget - cost
+        if left < max(CARRY_MIN_SHARE * budget, 1) or self.after[i] == 0:
+            return False
+        self.events.append((i, left))
+        return True
 
 
 GROW_TRIES = 5  # builds per matrix: the first from estimated sizes, the rest spend what zstd saved

@@ -13,11 +13,15 @@ Allocation (``alloc``):
   recipe order: 2 vectors at 8 bit, 32 at 3 bit, then 2-bit vectors until the
   share is spent.  The share buys *stored* bytes: when zstd shrinks the blob
   (a word-embedding delta lives in the few rows of the tokens seen in
-  training), the saving buys more vectors; what a matrix leaves unspent is
-  shared over the matrices after it.
+  training), the saving buys more vectors; what a matrix cannot spend (its
+  delta has fewer vectors than its share buys) is shared over the matrices
+  after it (``budget.Ledger``: the encoder's, so that matrices can be coded in
+  parallel and the file stays the same).
 - ``rd``: rate–distortion over the whole file (``allocate.py``): every vector of
   every matrix gets a width in {0, 2, 3, 4, 8} (or the ``widths`` given) by
-  Lagrangian relaxation on error per stored byte, then a greedy top-up.
+  Lagrangian relaxation on error per stored byte, then a greedy top-up.  The
+  SVDs and per-vector measurements run per matrix (in the encoder's workers);
+  only the measurements come back for the allocation.
 
 The error ``rd`` minimises is the weight error ‖Δ̂ − Δ‖²_F summed over the
 file (``metric="weights"``).  Weighting each matrix by its calibration
@@ -49,15 +53,18 @@ from ..constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing
 from ..errors import UsageError
 from ..lowrank import BitGroup, Factor
 from ..records import LowrankMixed
-from . import allocate, budget, gptq
+from . import accel, allocate, budget, gptq
 from .allocate import groups_from_widths
-from .base import Method
-from .svd import Svd, exact_svd, randomized_svd, rank_cap
+from .base import Method, TensorPlan
+from .svd import Svd, SvdCache, exact_svd, randomized_svd, rank_cap
 
 DEFAULT_RECIPE = ((8, 2), (3, 32), (2, None))
 DEFAULT_WIDTHS = (2, 3, 4, 8)
-SVD_CACHE_BYTES = 2 * 2**30  # factors kept between planning and encoding under ``rd``
-GROW_STEPS = 4  # tries at spending what zstd saved on a matrix's own blob
+SVD_CACHE_BYTES = 2**30  # factors kept between measuring and encoding under ``rd`` (per process)
+# Tries at spending what zstd saved on a matrix's own blob (stopping once within GROW_MIN_SLACK): a
+# word-embedding delta whose codes shrink 2-3x needs ~6; with 4 it left 12 % of its share, which the
+# encoder's ledger then passes on, re-coding every matrix after it.
+GROW_STEPS = 8
 GROW_MIN_SLACK = 0.005  # ... while more than this share of its budget is left
 
 
@@ -150,8 +157,9 @@ class Coded:
 class DeltaCoMe(Method):
     name = "delta-come"
     takes_ratio = True
+    carries_leftover = True  # what a matrix could not spend goes to the matrices after it (encode's Ledger)
 
-    def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int = 3, *,
+    def __init__(self, ratio="1/16", include=None, exclude=None, zstd_level: int | None = None, *,
                  alloc: str = "recipe", svd: str = "exact", calibration=None, recipe=DEFAULT_RECIPE,
                  widths=DEFAULT_WIDTHS, group_size: int = 128, damp: float = 0.01, refit: bool = False,
                  metric: str = "weights",
@@ -177,14 +185,11 @@ class DeltaCoMe(Method):
         self.oversample, self.power_iters, self.seed = int(oversample), int(power_iters), int(seed)
         self.stats = open_stats(calibration)
         self._hessians = HessianCache(self.stats)
-        self.budgets: dict[str, int] = {}
-        self.plans: dict[str, np.ndarray] = {}  # rd: each matrix's widths in file order
-        self.orders: dict[str, np.ndarray] = {}  # rd: SVD indices in file order
-        self.cache: dict[str, Svd] = {}
-        self.carry = 0  # bytes earlier matrices left unspent, shared over the ones still to come
-        self.pending = 0  # parameters of the planned matrices not yet encoded
+        self.total = 0  # the file's budget (prepare)
+        self.budgets: dict[str, int] = {}  # recipe: each matrix's share (prepare)
         self.hints: dict[str, int] = {}  # rd with a randomized SVD: the rank each matrix's sketch finds
         self.gptq_tensors: list[str] = []  # with calibration: the matrices that have statistics (planned)
+        self.cache = SvdCache(SVD_CACHE_BYTES)  # factors kept between measuring and encoding under ``rd``
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -209,19 +214,40 @@ class DeltaCoMe(Method):
     def total_budget(self, tensors) -> int:
         return budget.total_budget(self.ratio, tensors)
 
-    def plan(self, tensors, load) -> None:
+    @property
+    def measures(self) -> bool:
+        return self.alloc == "rd"
+
+    def holds_with_more_budget(self, plan, params) -> bool:
+        # rd codes its planned widths, dropping tail vectors only when they overrun the budget: a record
+        # that kept every planned vector is what any larger budget gives.  The recipe grows with its budget.
+        if self.alloc != "rd" or plan is None or plan.data is None:
+            return False
+        groups = params.get("groups") or []
+        return (groups[-1][1] if groups else 0) == len(plan.data[1])
+
+    def working_bytes(self, info) -> int:
+        # Both tensors, Δ (and a float32 copy of the base while it is made), and the SVD: LAPACK's copy
+        # of Δ, U, Vᵀ, its workspace and the numpy copies (float32); measured in tests/test_parallel.py.
+        return 2 * info.nbytes + 7 * 4 * math.prod(info.shape) + 4 * min(info.shape) ** 2
+
+    def prepare(self, tensors) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
         if self.stats is not None:
             self.gptq_tensors = plan_gptq(self._hessians, tensors, self.name)
-        total = self.total_budget(tensors)
-        self.pending = sum(math.prod(t.shape) for t in tensors)
+        self.total = total = self.total_budget(tensors)
         empty = {t.name: record_cost(t.name, t.dtype, t.shape, []) for t in tensors}
         if sum(empty.values()) > total:
             raise UsageError(f"ratio {self.ratio}: {total} bytes cannot hold even the index entries "
                              f"({sum(empty.values())} bytes) of {len(tensors)} matrices; "
                              f"raise the ratio or --exclude small tensors")
         if self.alloc == "rd":
-            self._plan_rd(tensors, load, total)
+            params = sum(math.prod(t.shape) for t in tensors)
+            if self.svd == "randomized":  # vectors at the narrowest width that twice the even share buys
+                for t in tensors:
+                    share = 2 * total * math.prod(t.shape) / params
+                    self.hints[t.name] = min(int(share // allocate.vector_bytes(t.shape, self.widths[0],
+                                                                                self.group_size)), min(t.shape))
             return
         top_bits, top_count = self.recipe[0]
 
@@ -233,30 +259,30 @@ class DeltaCoMe(Method):
         if sum(self.budgets.values()) > total:  # the floors alone overspend: fall back to empty records
             self.budgets = budget.share_budgets(tensors, total, lambda t: empty[t.name])
 
-    def _plan_rd(self, tensors, load, total):
-        candidates, cached = [], 0
-        params = sum(math.prod(t.shape) for t in tensors)
-        for t in tensors:
-            ft, base = load(t.name)
-            if self.svd == "randomized":  # vectors at the narrowest width that twice the even share buys
-                share = 2 * total * math.prod(t.shape) / params
-                self.hints[t.name] = min(int(share // allocate.vector_bytes(t.shape, self.widths[0],
-                                                                            self.group_size)), min(t.shape))
-            svd = self.factorize(t.name, ft, base, t.dtype, rank_hint=self.hints.get(t.name))
-            u_side, v_side = self._metric(t.name, t.shape)
-            candidates.append(allocate.Candidates.measure(
-                t.name, t.dtype, t.shape, svd, self.widths, self.group_size, u_side, v_side, self.zstd_level))
-            size = svd.u.nbytes + svd.v.nbytes
-            if cached + size <= SVD_CACHE_BYTES:
-                self.cache[t.name], cached = svd, cached + size
-        chosen = allocate.allocate(candidates, total, record_cost, self.group_size)
+    def measure(self, name, ft, base, dtype_name) -> allocate.Candidates:
+        """``rd``: every vector's bytes and error at each width (the SVD is kept for encoding if it fits)."""
+        svd = self.factorize(name, ft, base, dtype_name, rank_hint=self.hints.get(name))
+        u_side, v_side = self._metric(name, ft.shape)
+        candidates = allocate.Candidates.measure(
+            name, dtype_name, ft.shape, svd, self.widths, self.group_size, u_side, v_side, self.zstd_level)
+        self.cache.put((name, self.hints.get(name)), svd)
+        return candidates
+
+    def allocate(self, tensors, measures) -> dict[str, TensorPlan]:
+        if self.alloc != "rd":
+            return {t.name: TensorPlan(budget=self.budgets[t.name]) for t in tensors}
+        candidates = [measures[t.name] for t in tensors]
+        chosen = allocate.allocate(candidates, self.total, record_cost, self.group_size)
+        plans, costs = {}, {}
         for c, widths in zip(candidates, chosen):
             order = np.lexsort((np.arange(widths.size), -widths))  # widest first, then by S
             keep = order[widths[order] > 0]
-            self.orders[c.name], self.plans[c.name] = keep, widths[keep]
-            self.budgets[c.name] = allocate.estimated_cost(c, widths, record_cost, self.group_size)
-        # What the allocation left over first serves a matrix whose blob compresses worse than measured.
-        self.carry = total - sum(self.budgets.values())
+            plans[c.name] = (keep, widths[keep])
+            costs[c.name] = allocate.estimated_cost(c, widths, record_cost, self.group_size)
+        # What the allocation left over is shared by size: it serves a blob that compresses a
+        # little worse than measured.
+        shares = budget.share_budgets(tensors, self.total - sum(costs.values()), lambda t: 0)
+        return {t.name: TensorPlan(budget=costs[t.name] + shares[t.name], data=plans[t.name]) for t in tensors}
 
     def _metric(self, name, shape):
         """(output-side, input-side) weights of the error: None (identity) or the input Hessian."""
@@ -268,8 +294,9 @@ class DeltaCoMe(Method):
     # --- encoding ------------------------------------------------------------------------
 
     def factorize(self, name, ft, base, dtype_name, rank_hint) -> Svd:
-        if name in self.cache:
-            return self.cache.pop(name)
+        cached = self.cache.pop((name, rank_hint))
+        if cached is not None:
+            return cached
         delta = dtypes.to_float32(ft, dtype_name)  # a new array: subtracting in place saves a copy
         delta -= dtypes.to_float32(base, dtype_name)
         if self.svd == "randomized" and rank_hint is not None:
@@ -277,40 +304,25 @@ class DeltaCoMe(Method):
             return randomized_svd(delta, rank_hint, self.oversample, self.power_iters, seed)
         return exact_svd(delta)
 
-    def encode_tensor(self, name, ft, base, dtype_name):
+    def encode_tensor(self, name, ft, base, dtype_name, plan: TensorPlan | None = None):
         shape = ft.shape
-        budget = self.budgets.get(name)
-        if budget is None:  # not planned (a direct call): this matrix alone at the ratio
-            budget = int(self.ratio * 16 * math.prod(shape)) // 8
-        budget += self._carry_share(name, math.prod(shape))
+        if plan is None:  # not planned (a direct call): this matrix alone at the ratio
+            if self.alloc == "rd":
+                raise UsageError("delta-come with alloc='rd' codes a matrix only as planned over the file")
+            plan = TensorPlan(budget=int(self.ratio * 16 * math.prod(shape)) // 8)
         delta = None  # only the U refit reads Δ itself
         if self.refit and self._hessians.sided(name, shape)[0] is not None:
             delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
         if self.alloc == "rd":
-            svd = self.factorize(name, ft, base, dtype_name, self.hints.get(name))  # as planned
-            order, widths = self.orders[name], self.plans[name]
+            svd = self.factorize(name, ft, base, dtype_name, self.hints.get(name))  # as measured
+            order, widths = plan.data
             svd = Svd(svd.u[order], svd.s[order], svd.v[order])
-            coded = self._fit_rd(name, dtype_name, shape, svd, widths, delta, budget)
+            coded = self._fit_rd(name, dtype_name, shape, svd, widths, delta, plan.budget)
         else:
-            hint = self._rank_hint(name, dtype_name, shape, budget)
+            hint = self._rank_hint(name, dtype_name, shape, plan.budget)
             svd = self.factorize(name, ft, base, dtype_name, hint)
-            coded = self._fit_recipe(name, dtype_name, shape, svd, delta, budget)
-        self.carry += budget - coded.cost
+            coded = self._fit_recipe(name, dtype_name, shape, svd, delta, plan.budget)
         return Kind.LOWRANK_MIXED, coded.params, coded.raws
-
-    def _carry_share(self, name, numel: int) -> int:
-        """This matrix's part of the bytes earlier matrices left unspent.
-
-        The recipe shares them in proportion to size.  Under ``rd`` a matrix may take
-        all of them: its plan is already optimal, and the carry only covers a blob
-        that compresses a little worse than planning measured.
-        """
-        if name not in self.budgets or self.pending <= 0:
-            return 0
-        share = self.carry if self.alloc == "rd" else self.carry * numel // self.pending
-        self.pending -= numel
-        self.carry -= share
-        return share
 
     def _coded(self, name, dtype_name, shape, svd, groups, delta, quantized=None) -> Coded:
         """The record of ``groups`` and what it will cost stored (after zstd, as the writer will).
@@ -391,7 +403,7 @@ class DeltaCoMe(Method):
         bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64)
         h, axis = self._hessians.sided(name, shape)
         if h is None:
-            return s, quant.rtn(svd.v[:k], bits, self.group_size), quant.rtn(svd.u[:k], bits, self.group_size)
+            return s, accel.rtn(svd.v[:k], bits, self.group_size), accel.rtn(svd.u[:k], bits, self.group_size)
         if axis == 0:  # a weight stored in × out (Conv1D): U runs along the inputs, so the roles swap
             u, v = self._gptq(svd.u[:k], svd.v[:k], s, None if delta is None else delta.T, h, bits)
             return s, v, u
@@ -401,10 +413,10 @@ class DeltaCoMe(Method):
     def _gptq(self, inputs, outputs, s, delta, h, bits) -> tuple:
         """GPTQ of the input-side vectors against ``h``, then of the output side against the Hessian
         of x·(input side)ᵀ·diag(S) (refitted first to absorb the input side's error, with ``refit``)."""
-        q_in = gptq.quantize_rows(inputs, h, bits, self.group_size, self.damp)
+        q_in = accel.gptq_rows(inputs, h, bits, self.group_size, self.damp)
         in_hat = quant.dequantize(*q_in, self.group_size)
         target = gptq.refit_u(delta, in_hat, s, h, self.damp) if self.refit else outputs
-        q_out = gptq.quantize_columns(target, gptq.u_hessian(in_hat, s, h), bits, self.group_size, self.damp)
+        q_out = accel.gptq_columns(target, gptq.u_hessian(in_hat, s, h), bits, self.group_size, self.damp)
         return q_in, q_out
 
     def calibrated(self, name, shape) -> bool:

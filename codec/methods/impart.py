@@ -76,7 +76,7 @@ def sparsities(s: np.ndarray, shape, alpha: float, beta: float, power: float) ->
 class ImPart(BudgetedMethod):
     name = "impart"
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  beta: float = 0.6, power: float = 0.5, mask: str = "auto"):
         super().__init__(ratio, include, exclude, zstd_level, seed)
         if not 0 <= beta < 1:
@@ -175,7 +175,7 @@ class ImPart(BudgetedMethod):
 class ImPartQt(ImPart):
     name = "impart-qt"
 
-    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int = 3, *, seed: int = 0,
+    def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  beta: float = 0.6, power: float = 0.5, mask: str = "auto", recipe=DEFAULT_RECIPE,
                  group_size: int = 128, calibration=None, damp: float = 0.01):
         super().__init__(ratio, include, exclude, zstd_level, seed=seed, beta=beta, power=power, mask=mask)
