@@ -186,10 +186,10 @@ class ImPartQt(ImPart):
         self._hessians = HessianCache(self.stats)
         self.gptq_tensors: list[str] = []  # with calibration: the matrices that have statistics (planned)
 
-    def plan(self, tensors, load) -> None:
+    def prepare(self, tensors) -> None:
         if self.stats is not None:
             self.gptq_tensors = plan_gptq(self._hessians, tensors, self.name)
-        super().plan(tensors, load)
+        super().prepare(tensors)
 
     def get_config(self) -> dict:
         config = {**super().get_config(), "recipe": recipe_text(self.recipe), "group_size": self.group_size,
