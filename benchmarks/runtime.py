@@ -19,7 +19,7 @@ number of deltas K and tokens per delta T (batch K·T, tokens grouped by delta):
 - ``dense``:     base + per delta x·Δᵀ with Δ stored dense (16-bit on CUDA, float32
                  on the CPU): fast, but K dense copies of the layer in memory
 - ``rotated``:   ``packed`` with the same records read as ``lowrank-rotated`` (spec
-                 10.13, both sides rotated): the cost of rotating each token's input
+                 10.14, both sides rotated): the cost of rotating each token's input
                  (x·R_Vᵀ) and the delta's output (·R_U) with the fast Walsh–Hadamard
                  transform around the same kernels (``--no-rotated`` leaves it out)
 

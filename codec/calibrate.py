@@ -3,14 +3,20 @@
 ``calibrate`` runs a Hugging Face model over a text file and records, per
 weight tensor of the checkpoint:
 
-- for every ``nn.Linear``: the mean Hessian ``H/N = Σ xᵀx / N`` of its inputs
-  ``x`` (float32, ``in × in``), accumulated in float64 over the ``N`` token
-  rows that are not padding;
+- for every linear layer (``nn.Linear``, and transformers' ``Conv1D`` of GPT-2,
+  whose weight is stored in × out): the mean Hessian ``H/N = Σ xᵀx / N`` of its
+  inputs ``x`` (float32, ``in × in``), accumulated in float64 over the ``N``
+  token rows that are not padding;
 - for every ``nn.Embedding``: how often each row was looked up (a float32
-  vector of frequencies summing to 1), over the same tokens.
+  vector of frequencies summing to 1), over the same tokens; but an embedding
+  matrix tied to a linear layer (an lm_head that is ``embed_tokens``) gets that
+  layer's input Hessian instead, which is what its quantization can use.
 
-Everything goes into one safetensors file, named by the checkpoint's tensor
-names, with ``format=dcm-calibration`` metadata.  ``load_stats`` reads such a
+A causal LM is loaded with its head (``AutoModelForCausalLM``), so ``lm_head``
+gets statistics too.  Everything goes into one safetensors file, named by the
+checkpoint's tensor names, with ``format=dcm-calibration`` metadata; the
+metadata key ``transposed`` (a JSON list) names the Hessians of weights stored
+in × out, whose inputs run along their first axis (version 2 of the file).  ``load_stats`` reads such a
 file back with numpy alone (no torch), validating it as untrusted input.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import time
@@ -30,7 +37,8 @@ from .errors import CheckpointError, InputError, UsageError
 from .outputs import Output
 
 FORMAT = "dcm-calibration"
-VERSION = "1"
+VERSION = "2"  # 2: the "transposed" key (Conv1D); version 1 files read as having none
+READ_VERSIONS = ("1", "2")
 # Relative asymmetry a stored Hessian may have: it is written symmetric, then rounded to fp32.
 _SYMMETRY_RTOL = 1e-5
 
@@ -114,15 +122,19 @@ class _Collector:
         self.counts: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.handles = []
-        for module_name, module in model.named_modules():
+        self.transposed: set[str] = set()  # weights stored in × out (Conv1D): the Hessian is of axis 0
+        linear = {name for module_name, name in names.items() if _is_linear(model.get_submodule(module_name))}
+        for module_name, module in model.named_modules(remove_duplicate=False):
             tensor_name = names.get(module_name)
             if tensor_name is None:
                 continue
-            if isinstance(module, torch.nn.Linear):
+            if _is_linear(module):
                 hook = self._linear_hook(tensor_name)
-            elif isinstance(module, torch.nn.Embedding):
+                if not isinstance(module, torch.nn.Linear):
+                    self.transposed.add(tensor_name)
+            elif isinstance(module, torch.nn.Embedding) and tensor_name not in linear:
                 hook = self._embedding_hook(tensor_name, module.num_embeddings)
-            else:
+            else:  # a tied embedding: the linear layer that shares its matrix gives the statistics
                 continue
             self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -201,25 +213,51 @@ class _Collector:
         return out
 
 
+def _is_linear(module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (y = x·W + b, W stored in × out)."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
 def module_tensor_names(model, checkpoint_names) -> dict[str, str]:
     """Module name -> the checkpoint's name of its weight, for modules that have one.
 
     Checkpoints saved from a model with a head prefix their tensors with the
     base model's prefix (``bert.``) while ``AutoModel`` loads the bare base
-    model, or the other way round: both spellings are tried.
+    model, or the other way round: both spellings are tried.  A weight tied to
+    another module's (an lm_head that is the embedding matrix, which the
+    checkpoint stores once) takes the checkpoint's name of the shared tensor.
     """
     known = set(checkpoint_names)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    names = {}
-    for module_name, _ in model.named_modules():
+
+    def checkpoint_name(module_name):
         candidates = [f"{module_name}.weight"]
         if prefix:
             candidates.append(f"{prefix}.{module_name}.weight")
             if module_name.startswith(prefix + "."):
                 candidates.append(f"{module_name[len(prefix) + 1:]}.weight")
-        match = next((c for c in candidates if c in known), None)
-        if module_name and match is not None:
+        return next((c for c in candidates if c in known), None)
+
+    names, by_tensor, holders = {}, {}, []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if not module_name or weight is None:
+            continue
+        match = checkpoint_name(module_name)
+        if match is not None:
             names[module_name] = match
+            by_tensor.setdefault(id(weight), match)
+        else:
+            holders.append((module_name, weight))
+    for module_name, weight in holders:  # tied: named after the module the checkpoint stores it under
+        if id(weight) in by_tensor:
+            names[module_name] = by_tensor[id(weight)]
     return names
 
 
@@ -274,9 +312,24 @@ def _load_tokenizer(model_dir, transformers):
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer: {e}") from e
 
 
-def _load_model(model_dir, transformers, torch):
+def _is_causal_lm(model_dir) -> bool:
+    """The checkpoint's config names a causal LM class (``LlamaForCausalLM``, ``GPT2LMHeadModel``...)."""
+    import json
+
     try:
-        return transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(archs, list) and any(isinstance(a, str) and (a.endswith("ForCausalLM") or a.endswith("LMHeadModel"))
+                                           for a in archs)
+
+
+def _load_model(model_dir, transformers, torch):
+    """The model with its head when it is a causal LM (lm_head is a coded matrix too), else the bare model."""
+    auto = transformers.AutoModelForCausalLM if _is_causal_lm(model_dir) else transformers.AutoModel
+    try:
+        return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the model: {e}") from e
 
@@ -346,7 +399,8 @@ def _calibrate(model_dir, text_file, output, paragraphs, torch, transformers, st
     tokens = sum(map(len, sequences))
     metadata = {"format": FORMAT, "version": VERSION, "tokens": str(tokens),
                 "sequences": str(len(sequences)), "seq_len": str(seq_len),
-                "model": Path(model_dir).resolve().name, "text_sha256": _sha256(text_file)}
+                "model": Path(model_dir).resolve().name, "text_sha256": _sha256(text_file),
+                "transposed": json.dumps(sorted(collector.transposed & set(tensors)))}
     _write_atomically(output, tensors, metadata)
     return CalibrationReport(output.given, tokens, len(sequences), len(tensors),
                              time.perf_counter() - started)
@@ -363,17 +417,22 @@ def _sha256(path) -> str:
 class CalibrationStats:
     """A calibration file opened with numpy; tensors are read (and checked) when asked for."""
 
-    def __init__(self, path, metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, path, metadata: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                 transposed: frozenset = frozenset()):
         self.path = Path(path)
         self.metadata = metadata
         self._shapes = shapes
         self.tokens = int(metadata["tokens"])
+        self.transposed = transposed  # Hessians of weights stored in × out (their inputs: axis 0)
 
     def names(self) -> list[str]:
         return sorted(self._shapes)
 
     def __contains__(self, name) -> bool:
         return name in self._shapes
+
+    def shape(self, name: str) -> tuple | None:
+        return self._shapes.get(name)
 
     def hessian(self, name: str) -> np.ndarray | None:
         """The mean input Hessian of a linear's weight (float64, in × in), or None."""
@@ -413,8 +472,9 @@ def _check_stats_metadata(path, metadata) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a calibration file (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: calibration version {meta.get('version')!r} is not {VERSION!r}")
+    if meta.get("version") not in READ_VERSIONS:
+        raise CheckpointError(f"{path}: calibration version {meta.get('version')!r} is not one of "
+                              f"{', '.join(READ_VERSIONS)}")
     if not re.fullmatch(r"[0-9]{1,18}", meta.get("tokens", "")):
         raise CheckpointError(f"{path}: metadata 'tokens' {meta.get('tokens')!r} is not a count")
     return meta
@@ -448,7 +508,22 @@ def load_stats(path) -> CalibrationStats:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
     meta = _check_stats_metadata(path, metadata)
     shapes = {name: _check_entry(path, name, dtype, shape) for name, dtype, shape in entries}
-    return CalibrationStats(path, meta, shapes)
+    return CalibrationStats(path, meta, shapes, _transposed(path, meta, shapes))
+
+
+def _transposed(path, meta: dict, shapes: dict) -> frozenset:
+    """The names the metadata key ``transposed`` lists: each a Hessian (2-D) of the file."""
+    text = meta.get("transposed", "[]")
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: metadata 'transposed' is not a JSON list of tensor names")
+    for name in names:
+        if len(shapes.get(name, ())) != 2:
+            raise CheckpointError(f"{path}: metadata 'transposed' names {name!r}, which is not a Hessian of the file")
+    return frozenset(names)
 
 
 def open_stats(path) -> CalibrationStats | None:
@@ -472,13 +547,21 @@ class HessianCache:
         self.stats, self._entry = stats, (None, None)
 
     def get(self, name: str, shape):
-        """The (n, n) Hessian of matrix ``name`` of ``shape`` (m, n), or None without one of that size."""
+        """The (n, n) Hessian of matrix ``name`` of ``shape`` (m, n) over its second axis, or None."""
+        h, axis = self.sided(name, shape)
+        return h if axis == 1 else None
+
+    def sided(self, name: str, shape) -> tuple:
+        """(Hessian, axis of the inputs): axis 1 for an ``nn.Linear`` weight (out × in), axis 0 for a
+        weight stored in × out (``Conv1D``); (None, None) without statistics of that size."""
         if self.stats is None:
-            return None
+            return None, None
         cached, value = self._entry
         if cached != name:
             h = self.stats.hessian(name)
-            value = h if h is not None and h.shape == (shape[1], shape[1]) else None
+            axis = 0 if name in self.stats.transposed else 1
+            fits = h is not None and h.shape == (shape[axis], shape[axis])
+            value = (h, axis) if fits else (None, None)
             self._entry = (name, value)
         return value
 
@@ -487,3 +570,35 @@ class HessianCache:
 
     def __setstate__(self, state):
         self.__init__(state["stats"])
+
+    def available(self, name: str, shape) -> bool:
+        """Whether the statistics hold a Hessian for this matrix (its shape only: nothing is read)."""
+        if self.stats is None:
+            return False
+        axis = 0 if name in self.stats.transposed else 1
+        return self.stats.shape(name) == (shape[axis], shape[axis])
+
+
+def plan_gptq(hessians: HessianCache, tensors, method: str) -> list[str]:
+    """The names of the matrices ``tensors`` (TensorInfo) that will be quantized with GPTQ.
+
+    Calibration was asked for: a matrix the statistics have no input Hessian for
+    (an embedding, a layer of another model, a file from an older dcm that missed
+    GPT-2's Conv1D layers) is quantized by plain rounding, which the user is told,
+    naming the matrices; when none has statistics the encode is refused.
+    """
+    import warnings
+
+    from .errors import DcmWarning
+
+    names = [t.name for t in tensors if hessians.available(t.name, t.shape)]
+    missing = [t.name for t in tensors if t.name not in set(names)]
+    if tensors and not names:
+        raise UsageError(f"{hessians.stats.path}: the calibration statistics hold no input Hessian for any of the "
+                         f"{len(tensors)} matrices {method} codes (e.g. {tensors[0].name!r}): they are not this "
+                         f"model's, or were made before dcm calibrated this kind of layer; run dcm calibrate again")
+    if missing:
+        shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
+        warnings.warn(DcmWarning(f"{method}: no calibration statistics for {len(missing)} of {len(tensors)} "
+                                 f"matrices, quantized by rounding instead of GPTQ: {shown}"), stacklevel=2)
+    return names

@@ -213,8 +213,26 @@ def _read_index(path: Path) -> tuple[dict[str, str], list[str]]:
     return wmap, sorted(set(wmap.values()))
 
 
+def _refuse_a_shard(path: Path) -> None:
+    """A file that the index beside it lists as a shard is a part of a checkpoint, not a checkpoint.
+
+    Read alone it would silently leave out the other shards' tensors (an encode
+    would store most of the fine-tune whole, a decode would find the base short).
+    """
+    index_path = path.parent / INDEX_FILE
+    if not index_path.is_file():
+        return
+    try:
+        wmap, shards = _read_index(index_path)
+    except CheckpointError:
+        return  # not an index we can read: the file may well be a checkpoint of its own
+    if path.name in shards and len(shards) > 1:
+        raise UsageError(f"{path} is one of {len(shards)} shards of the checkpoint in {path.parent} "
+                         f"({INDEX_FILE} lists it): pass the directory {path.parent} to use the whole checkpoint")
+
+
 class Checkpoint:
-    """A safetensors checkpoint: a model directory (single or sharded) or one file."""
+    """A safetensors checkpoint: a model directory (single or sharded) or one file (not a shard)."""
 
     def __init__(self, path):
         if not isinstance(path, (str, os.PathLike)):
@@ -232,6 +250,7 @@ class Checkpoint:
         if self.path.is_dir():
             self._open_dir()
         elif self.path.is_file():
+            _refuse_a_shard(self.path)
             self._metadata, infos = _parse_header(self.path)
             self._add(infos)
         else:

@@ -64,6 +64,7 @@ class Kind(enum.IntEnum):
     SIGN = 6  # W_base + scale·sign (BitDelta)
     LOWRANK = 7  # W_base + U·diag(S)·Vᵀ, U and V in float16
     SPARSE = 8  # W_base + the kept elements of Δ (DARE)
+    ADAPTED = 9  # an inner record against the base cast to the record's dtype, plus new rows stored whole
     LOWRANK_ROTATED = 10  # lowrank-mixed whose singular vectors are stored rotated (randomized Hadamard)
 
 
@@ -76,15 +77,24 @@ KIND_NAMES = {
     Kind.SIGN: "sign",
     Kind.LOWRANK: "lowrank",
     Kind.SPARSE: "sparse",
+    Kind.ADAPTED: "adapted",
     Kind.LOWRANK_ROTATED: "lowrank-rotated",
 }
 
 # The minor version that defined each kind: a writer writes the lowest minor version
 # covering the kinds its file uses (spec section 4), so lossless files stay 1.0.
 KIND_MINOR = {Kind.DENSE_DELTA: 0, Kind.FULL: 0, Kind.REMOVED: 0, Kind.LOWRANK_MIXED: 1,
-              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2, Kind.LOWRANK_ROTATED: 3}
+              Kind.SPARSE_LOWRANK: 2, Kind.SIGN: 2, Kind.LOWRANK: 2, Kind.SPARSE: 2, Kind.ADAPTED: 3,
+              Kind.LOWRANK_ROTATED: 3}
 
-# Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors).
+# The kinds an ``adapted`` record may hold (param "inner"): those that read the base tensor.
+INNER_KINDS = (Kind.DENSE_DELTA, Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE,
+               Kind.LOWRANK_ROTATED)
+# The dtypes an ``adapted`` record casts between (spec 10.13).
+CAST_DTYPES = ("F32", "F16", "BF16")
+
+# Kinds whose decoded tensor only approximates the fine-tune (the "compressed" tensors); an ``adapted``
+# record is lossy when its inner kind is (``records.coded_kind``).
 LOSSY_KINDS = frozenset({Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.SPARSE,
                          Kind.LOWRANK_ROTATED})
 

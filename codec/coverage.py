@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import dtypes
-from .constants import LOSSY_KINDS, Kind
+from . import adapted, dtypes, records
+from .constants import Kind
 from .index import packed_len
 from .info import sanitize
 
@@ -31,11 +31,13 @@ def uncoded_reason(method, name: str, ft_info, base_info) -> str | None:
     """
     if base_info is None:
         return "absent from the base"
-    if base_info.dtype != ft_info.dtype:
+    if adapted.applies(ft_info, base_info):  # coded against the base cast and cut to its rows (spec 10.13)
+        ft_info = adapted.inner_info(ft_info, base_info)
+    elif base_info.dtype != ft_info.dtype:
         return f"dtype differs ({ft_info.dtype} in the fine-tune, {base_info.dtype} in the base)"
-    if tuple(base_info.shape) != tuple(ft_info.shape):
+    elif tuple(base_info.shape) != tuple(ft_info.shape):
         if len(ft_info.shape) == 2 and len(base_info.shape) == 2 and ft_info.shape[1] == base_info.shape[1]:
-            return "rows differ from the base (resized vocabulary?)"
+            return "fewer rows than the base (shrunk vocabulary?)"
         return "shape differs from the base"
     if method.wants_tensor(name, ft_info.dtype, ft_info.shape):
         return None
@@ -47,9 +49,14 @@ def uncoded_reason(method, name: str, ft_info, base_info) -> str | None:
 
 
 def planned(method, base, ft) -> list:
-    """TensorInfo of the fine-tune's tensors the method will code, in the fine-tune's order."""
-    return [ft.info(n) for n in ft.names()
-            if uncoded_reason(method, n, ft.info(n), base.info(n) if n in base else None) is None]
+    """TensorInfo of the fine-tune's tensors the method will code, in the fine-tune's order (for a tensor
+    coded as an ``adapted`` record, its inner record's matrix: ``adapted.InnerInfo``)."""
+    out = []
+    for n in ft.names():
+        ft_info, base_info = ft.info(n), base.info(n) if n in base else None
+        if uncoded_reason(method, n, ft_info, base_info) is None:
+            out.append(adapted.inner_info(ft_info, base_info) if adapted.applies(ft_info, base_info) else ft_info)
+    return out
 
 
 @dataclass
@@ -131,16 +138,17 @@ def lossy_record_bytes(index: dict) -> tuple[int, int]:
         end = max(end, offset + length)
     params = total = 0
     for rec in index["tensors"]:
-        if rec["kind"] in LOSSY_KINDS:
-            params += math.prod(rec["shape"])
-            total += packed_len(rec) + sum(b["length"] + gaps[b["offset"]] for b in rec["blobs"])
+        if records.is_lossy(rec):  # an adapted record: its inner record's rows and blobs (new rows are exact)
+            coded = records.inner(rec)["blobs"] if rec["kind"] == Kind.ADAPTED else rec["blobs"]
+            params += records.coded_params(rec)
+            total += packed_len(rec) + sum(b["length"] + gaps[b["offset"]] for b in coded)
     return params, total
 
 
 def measure(method, base, ft, index: dict, file_bytes: int) -> Coverage:
     """The coverage of an encode from its index (records in fine-tune order) and the file's size."""
     lossy = method.codes_tensors()
-    coded = {r["name"] for r in index["tensors"] if r["kind"] in LOSSY_KINDS}
+    coded = {r["name"] for r in index["tensors"] if records.is_lossy(r)}
     kept = [r for r in index["tensors"] if r["kind"] != Kind.REMOVED]
     params = sum(math.prod(r["shape"]) for r in kept)
     uncoded: dict[str, list] = {}

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from . import dtypes, records
 from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo, TensorStream, check_relpath
-from .constants import LOSSY_KINDS, Kind
+from .constants import Kind
 from .errors import WrongBaseError
 from .reader import DcmFile, check_base_digest, check_base_shape
 
@@ -95,7 +95,7 @@ def decode(path, base, out_dir, *, overwrite: bool = False, progress: bool = Fal
             for name in dcm.attachments():
                 writer.write_attachment(check_relpath(name), dcm.attachment(name))
             writer.commit()
-        lossy = sum(1 for r in kept if r.kind in LOSSY_KINDS)
+        lossy = sum(1 for r in kept if records.is_lossy(dcm.index_entry(r.name)))
         method = dcm.index["method"]["name"]
     return DecodeReport(str(out_dir), len(plan), total, len(dcm.attachments()),
                         time.perf_counter() - started, lossy, method)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from . import compute, coverage, jobs, methods
+from . import adapted, compute, coverage, jobs, methods
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .constants import ENCODING_MINOR, KIND_MINOR, VERSION_MAJOR, Kind
@@ -67,10 +67,15 @@ def _base_ref(info, sha: bytes) -> dict:
     return {"dtype": info.dtype, "shape": list(info.shape), "sha256": sha}
 
 
+def _kinds(rec: dict) -> tuple:
+    """The kinds a record uses: its own, and an adapted record's inner kind (the file's version covers both)."""
+    return (rec["kind"], rec["params"]["inner"]) if rec["kind"] == Kind.ADAPTED else (rec["kind"],)
+
+
 def format_minor(records, attachments) -> int:
     """The lowest minor version that defines every kind and blob encoding the file uses (spec 4)."""
     encodings = [b["encoding"] for r in records for b in r["blobs"]] + [a["blob"]["encoding"] for a in attachments]
-    return max([0] + [KIND_MINOR[r["kind"]] for r in records] + [ENCODING_MINOR[e] for e in encodings])
+    return max([0] + [KIND_MINOR[k] for r in records for k in _kinds(r)] + [ENCODING_MINOR[e] for e in encodings])
 
 
 def _check_coverage(cov: Coverage) -> None:
@@ -120,7 +125,9 @@ def encode(base, finetune, out, *, method="lossless", ratio=None, include=None, 
         tensors = [ft_ckpt.info(n) for n in ft_ckpt.names()]
         actions = [jobs.choose_action(t, base_ckpt.info(t.name) if t.name in base_ckpt else None, profile)
                    for t in tensors]
-        planned = [t for t, a in zip(tensors, actions) if a is Action.LOSSY]
+        # the matrices the method codes: for an adapted tensor (another dtype, more rows than the base), its
+        # inner record's matrix (adapted.InnerInfo), in fine-tune order
+        planned = coverage.planned(profile, base_ckpt, ft_ckpt)
         profile.prepare(planned)
         executor = executor or make_executor(threads, workers)
         session = jobs.Session(os.path.abspath(base), os.path.abspath(finetune), profile, device, uuid.uuid4().hex)
@@ -206,12 +213,16 @@ class _Run:
         if self.executor.streams_inputs:  # the workers cannot read the paths: send the tensors
             base = self.base_ckpt.read(info.name) if action is not Action.FULL else None
             arrays = (self.ft_ckpt.read(info.name), base)
+        base_dtype = self.base_ckpt.info(info.name).dtype if info.name in self.base_ckpt else None
         return Job(info.name, info.dtype, tuple(info.shape), action, plan, arrays,
-                   self._working_bytes(info, action))
+                   self._working_bytes(info, action), base_dtype)
 
     def _working_bytes(self, info, action) -> int:
         if action is Action.LOSSY:
             return self.session.method.working_bytes(info)
+        if action is Action.ADAPTED:  # the cast base beside both tensors; the method's, if it codes the rows
+            lossy = self.session.method.working_bytes(info) if self.session.method.codes_tensors() else 0
+            return 3 * info.nbytes + lossy
         return 2 * info.nbytes  # byte planes and their compressed copies
 
     @staticmethod

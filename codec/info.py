@@ -13,8 +13,9 @@ import os
 from fractions import Fraction
 
 from . import dtypes
-from .constants import HEADER_SIZE, KIND_NAMES, LOSSY_KINDS, Encoding, Kind
+from .constants import HEADER_SIZE, KIND_NAMES, Encoding, Kind
 from .reader import DcmFile
+from .records import coded_params, inner, is_lossy
 
 # --- plain types and terminal safety -----------------------------------------------
 
@@ -118,9 +119,11 @@ def info(path) -> dict:
             removed = rec.kind == Kind.REMOVED
             n = 0 if removed else rec.numel
             pad = sum(gaps[b["offset"]] for b in rec.blobs)
+            entry = dcm.index_entry(rec.name)
             row = {
                 "name": rec.name,
                 "kind": rec.kind_name,
+                "inner": KIND_NAMES.get(entry["params"]["inner"]) if rec.kind == Kind.ADAPTED else None,
                 "dtype": rec.dtype,
                 "shape": list(rec.shape),
                 "params": n,
@@ -132,9 +135,12 @@ def info(path) -> dict:
                 "bits_per_param": _bits(rec.total_bytes, n),
             }
             records.append(row)
-            if rec.kind in LOSSY_KINDS:
-                for key, value in (("records", 1), ("params", n), ("payload_bytes", rec.payload_bytes),
-                                   ("index_bytes", rec.index_bytes), ("padding_bytes", pad)):
+            if is_lossy(entry):  # an adapted record: its inner record's rows and blobs
+                coded = inner(entry)["blobs"] if rec.kind == Kind.ADAPTED else rec.blobs
+                for key, value in (("records", 1), ("params", coded_params(entry)),
+                                   ("payload_bytes", sum(b["length"] for b in coded)),
+                                   ("index_bytes", rec.index_bytes),
+                                   ("padding_bytes", sum(gaps[b["offset"]] for b in coded))):
                     lossy[key] += value
             k = kinds.setdefault(rec.kind_name, {"records": 0, "params": 0, "payload_bytes": 0,
                                                  "index_bytes": 0, "total_bytes": 0})
@@ -262,13 +268,18 @@ def _encodings(dcm) -> dict:
         e["stored_bytes"] += blob["length"]
         e["raw_bytes"] += blob["raw_length"]
     return out
+def _param_text(value) -> str:
+    """A method param for the one-line summary: a long list (gptq_tensors) as its count and first items."""
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{', '.join(sanitize(v) for v in value[:2])}, ... {len(value)} in all]"
+    return sanitize(value)
 
 
 def format_info(d: dict) -> str:
     """A readable report of ``info()``'s dict; strings from the file are escaped."""
     s = sanitize
     h, t, m = d["header"], d["totals"], d["method"]
-    params = ", ".join(f"{s(k)}={s(v)}" for k, v in m["params"].items())
+    params = ", ".join(f"{s(k)}={_param_text(v)}" for k, v in m["params"].items())
     lines = [
         f"file:        {s(d['path'])}",
         f"format:      {h['version']}  alignment {h['alignment']}  index {h['index_bytes']} B  "
@@ -289,7 +300,7 @@ def format_info(d: dict) -> str:
         meta = ", ".join(f"{s(k)}={s(v)}" for k, v in d["checkpoint_metadata"].items())
         lines.append(f"metadata:    {meta}")
     lines.append("")
-    rows = [[s(r["name"]), r["kind"], r["dtype"], "x".join(map(str, r["shape"])) or "scalar",
+    rows = [[s(r["name"]), r["kind"] + (f"({r['inner']})" if r.get("inner") else ""), r["dtype"], "x".join(map(str, r["shape"])) or "scalar",
              str(r["params"]), str(r["payload_bytes"]), str(r["index_bytes"]), str(r["total_bytes"]),
              _fmt_bits(r["bits_per_param"])] for r in d["records"]]
     lines += _table(["tensor", "kind", "dtype", "shape", "params", "payload", "index", "total", "bits/param"],

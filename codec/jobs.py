@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import blobs, compute, dtypes
+from . import adapted, blobs, compute, dtypes
 from .checkpoint import STREAM_CHUNK, Checkpoint, TensorStream
 from .constants import Kind
 from .coverage import uncoded_reason
@@ -48,10 +48,13 @@ class Action(enum.Enum):
     REPLACED = "replaced"  # the base's tensor has another dtype or shape: stored whole, base recorded
     DENSE = "dense-delta"  # exact delta, streamed in chunks
     LOSSY = "lossy"  # the method's hook, on both tensors whole
+    ADAPTED = "adapted"  # another float dtype or more rows than the base: an adapted record (spec 10.13)
 
 
 def choose_action(ft_info, base_info, method: Method) -> Action:
     """The action for a fine-tune tensor (``base_info`` None: not in the base)."""
+    if adapted.applies(ft_info, base_info):  # its inner record is the method's, or an exact dense-delta
+        return Action.ADAPTED
     # coverage.uncoded_reason is the one place that decides whether the method codes a tensor.
     if uncoded_reason(method, ft_info.name, ft_info, base_info) is None:
         return Action.LOSSY
@@ -82,6 +85,7 @@ class Job:
     plan: TensorPlan | None = None
     arrays: tuple | None = None  # (fine-tune, base) storage arrays when streamed; else read from the paths
     working_bytes: int = 0  # estimated peak memory of the job (a scheduler may place it by this)
+    base_dtype: str | None = None  # the base tensor's (an adapted record casts it to ``dtype``)
 
     @property
     def budget(self) -> int | None:
@@ -187,6 +191,13 @@ def _code(session: Session, job: Job):
     if job.action is Action.DENSE:
         params, raws = DenseDelta.encode(ft, base)
         return Kind.DENSE_DELTA, params, raws, _sha256(base)
+    if job.action is Action.ADAPTED:
+        ft, base = _whole(ft), _whole(base)
+        if PIN_BEFORE_NUMERICS:
+            compute.pin_one_thread()
+        compute.pin_if_asked()
+        kind, params, raws = adapted.encode(session.method, job.name, ft, base, job.dtype, job.base_dtype, job.plan)
+        return kind, params, raws, tensor_sha256(base)
     return _lossy(session, job, _whole(ft), _whole(base))
 
 
@@ -221,6 +232,8 @@ def measure_tensor(session: Session, job: Job) -> Measured:
         else:
             base_ckpt, ft_ckpt = _checkpoints(session)
             ft, base = ft_ckpt.read(job.name), base_ckpt.read(job.name)
+        if job.base_dtype not in (None, job.dtype) or ft.shape != base.shape:  # an adapted tensor's inner matrix
+            ft, base, _ = adapted.split(ft, base, job.dtype, job.base_dtype)
         value = session.method.measure(job.name, ft, base, job.dtype)
     return Measured(job.name, value, time.perf_counter() - started)
 

@@ -260,12 +260,45 @@ class DcmFile:
         records.KINDS[rec.kind].check_payload(self._raw[name], self.iter_raw_blobs(rec))
 
     def stored_delta(self, name: str) -> np.ndarray:
-        """Δ̂ of a lossy record (kinds that add an approximate delta to the base), float32, no base needed."""
+        """Δ̂ of a lossy record (kinds that add an approximate delta to the base), float32, no base needed.
+
+        For an ``adapted`` record around such a kind: the inner record's Δ̂, of the base's shape,
+        against the adapted base (spec 10.13)."""
         rec = self.record(name)
+        if rec.kind == Kind.ADAPTED:
+            rec = self.inner_record(name)
         kind = records.KINDS[rec.kind]
         if not isinstance(kind, records.AdditiveKind):
             raise UsageError(f"tensor {name!r}: a {rec.kind_name} record stores no approximate delta")
-        return kind.delta(self._raw[name], self.iter_raw_blobs(rec))
+        return kind.delta(self._raw_of(rec), self.iter_raw_blobs(rec))
+
+    def index_entry(self, name: str) -> dict:
+        """The record's entry of the index, as read (checked)."""
+        self.record(name)
+        return self._raw[name]
+
+    def inner_record(self, name: str) -> Record:
+        """The inner record of an ``adapted`` record (spec 10.13): its kind, params, blobs, the base's shape."""
+        rec = self.record(name)
+        if rec.kind != Kind.ADAPTED:
+            raise UsageError(f"tensor {name!r}: a {rec.kind_name} record has no inner record")
+        raw = records.inner(self._raw[name])
+        return Record(raw["name"], raw["kind"], raw["dtype"], tuple(raw["shape"]), raw["params"],
+                      tuple(raw["blobs"]), raw["base"], 0)
+
+    def new_rows(self, name: str) -> np.ndarray | None:
+        """The rows an ``adapted`` record adds to its base tensor (a storage array), or None."""
+        rec = self.record(name)
+        if rec.kind != Kind.ADAPTED or not records.new_row_blobs(self._raw[name]):
+            return None
+        new = records.new_rows_record(self._raw[name])
+        blobs = (self._raw_blob(rec, len(rec.blobs) - len(new["blobs"]) + j, b) for j, b in enumerate(new["blobs"]))
+        return records._storage(records._dense_values(blobs, new, rec.params["layout"]), new)
+
+    def _raw_of(self, rec: Record) -> dict:
+        """The index entry of a record, or of an inner record, as the kinds read it."""
+        raw = self._raw[rec.name]
+        return raw if raw["kind"] == rec.kind else records.inner(raw)
 
     def delta(self, name: str, base: np.ndarray | None = None) -> np.ndarray:
         """Δ = W_ft − W_base as float32 values (exact kinds need ``base`` to compute it)."""

@@ -14,8 +14,8 @@ import math
 import numpy as np
 
 from . import baseline_payloads, dtypes, lowrank, masks, rotation, sections, sparse_lowrank
-from .constants import (MAX_ELEMENTS, KIND_NAMES, Kind, Layout, MaskEncoding, Packing, Rotation, SignScales,
-                        Transform)
+from .constants import (CAST_DTYPES, INNER_KINDS, LOSSY_KINDS, MAX_ELEMENTS, KIND_NAMES, Kind, Layout, MaskEncoding,
+                        Packing, Rotation, SignScales, Transform)
 from .errors import IndexSchemaError, LimitError, PayloadError, UnknownKindError
 
 
@@ -493,8 +493,170 @@ class Sparse(AdditiveKind):
                                               p["drop"], rec["name"])
 
 
+class Adapted(RecordKind):
+    """An inner record against the base cast to the record's dtype, then the new rows whole (spec 10.13).
+
+    For a fine-tune saved in another float dtype than its base, and for a tensor that
+    grew along its first axis (a resized vocabulary): the inner record (any kind that
+    reads the base) covers the base's rows, coded against the *adapted base*; the
+    rows the base lacks follow as a dense array.
+    """
+
+    number = Kind.ADAPTED
+    needs_base = True
+
+    @staticmethod
+    def encode(inner_kind: int, inner_params: dict, inner_raws: list, new_rows=None) -> tuple[dict, list]:
+        """(params, raw blobs): the inner record's, then the new rows' dense array (a storage array)."""
+        raws = list(inner_raws)
+        layout = Layout.PLAIN
+        if new_rows is not None and new_rows.size:
+            layout = _layout_for(new_rows.size, new_rows.dtype.itemsize)
+            raws += to_layout(lambda part: dtypes.unsigned_view(new_rows.reshape(-1)[part]), new_rows.size,
+                              new_rows.dtype.itemsize, layout)
+        return {"inner": int(inner_kind), "layout": int(layout), "inner_params": inner_params}, raws
+
+    def validate(self, rec, where):  # spec 10.13: base reference, params, then blobs with the inner record's checks
+        base = rec.get("base")
+        if base is None:
+            raise IndexSchemaError(f"index: {where}: an adapted record needs a base reference")
+        check_adaptation(base["dtype"], base["shape"], rec["dtype"], rec["shape"], where)
+        params = rec["params"]
+        for key in params:
+            if key not in ("inner", "layout", "inner_params"):
+                raise IndexSchemaError(f"index: {where}.params: unknown key {key!r}")
+        for key in ("inner", "layout", "inner_params"):
+            if key not in params:
+                raise IndexSchemaError(f"index: {where}.params: missing required key {key!r}")
+        for key, legal in (("inner", set(INNER_KINDS)), ("layout", set(Layout))):
+            if type(params[key]) is not int:
+                raise IndexSchemaError(f"index: {where}.params.{key}: expected an integer")
+            if params[key] not in legal:
+                raise UnknownKindError(f"{where}.params.{key}: unknown value {params[key]}")
+        if not isinstance(params["inner_params"], dict):
+            raise IndexSchemaError(f"index: {where}.params.inner_params: expected a map")
+        new = new_row_blobs(rec)
+        if len(rec["blobs"]) < new:
+            raise PayloadError(f"{where}: an adapted record with new rows in layout {params['layout']} has at "
+                               f"least {new} blobs, this one {len(rec['blobs'])}")
+        KINDS[params["inner"]].validate(inner(rec), f"{where} (inner {KIND_NAMES[params['inner']]} record)")
+        if new:
+            _check_dense_blobs(new_rows_record(rec), where, params["layout"])
+
+    def _split(self, rec, raws) -> tuple[list, list]:
+        raws = list(raws)
+        cut = len(raws) - new_row_blobs(rec)
+        return raws[:cut], raws[cut:]
+
+    def check_payload(self, rec, raws) -> None:
+        inner_raws, new_raws = self._split(rec, raws)
+        KINDS[rec["params"]["inner"]].check_payload(inner(rec), inner_raws)
+
+    def adapted_base(self, rec, base) -> np.ndarray:
+        """The base tensor's rows cast to the record's dtype (spec 10.13 decoding step 1)."""
+        read_base, count, _ = as_reader(base)
+        values = read_base(slice(0, count)).reshape(rec["base"]["shape"])
+        return cast(values, rec["base"]["dtype"], rec["dtype"])
+
+    def decode(self, rec, raws, base):
+        inner_raws, new_raws = self._split(rec, raws)
+        rows = KINDS[rec["params"]["inner"]].decode(inner(rec), inner_raws, self.adapted_base(rec, base))
+        if not new_raws:
+            return rows.reshape(rec["shape"])
+        new = new_rows_record(rec)
+        values = _storage(_dense_values(new_raws, new, rec["params"]["layout"]), new)
+        return np.concatenate([rows.reshape(inner(rec)["shape"]), values], axis=0)
+
+
+def check_adaptation(base_dtype: str, base_shape, dtype: str, shape, where: str) -> None:
+    """How an adapted record may differ from its base (spec 10.13): a cast between F32/F16/BF16, more
+    rows along the first axis, or both, and nothing else (PayloadError)."""
+    cast_ok = base_dtype == dtype or (base_dtype in CAST_DTYPES and dtype in CAST_DTYPES)
+    base_shape, shape = tuple(base_shape), tuple(shape)
+    same = base_shape == shape
+    grown = (len(shape) >= 1 and len(base_shape) == len(shape) and base_shape[1:] == shape[1:]
+             and base_shape[0] < shape[0])
+    if not cast_ok or not (same or grown) or (same and base_dtype == dtype):
+        raise PayloadError(f"{where}: an adapted record casts between {'/'.join(CAST_DTYPES)} or adds rows "
+                           f"along the first axis: {dtype}{list(shape)} against a base of "
+                           f"{base_dtype}{list(base_shape)}")
+
+
+def adaptable(base_dtype: str, base_shape, dtype: str, shape) -> bool:
+    """Whether an ``adapted`` record can code a tensor of ``dtype``/``shape`` against this base tensor."""
+    try:
+        check_adaptation(base_dtype, base_shape, dtype, shape, "")
+    except PayloadError:
+        return False
+    return True
+
+
+# The NaN an adapted base holds where the base has any NaN (spec 10.13 step 1): one bit pattern per
+# dtype, so that the cast, and a dense-delta against it, are bit-exact on every platform.
+CAST_NAN = {"F32": np.uint32(0x7FC00000), "F16": np.uint16(0x7E00), "BF16": np.uint16(0x7FC0)}
+
+
+def cast(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.ndarray:
+    """Storage array of ``from_dtype`` elements cast to ``to_dtype``: widened exactly to float32, then
+    rounded to nearest-even (spec 10.13 step 1, 10.7's rebuilding step 3), a NaN becoming the
+    dtype's ``CAST_NAN``; unchanged if the same."""
+    if from_dtype == to_dtype:
+        return values
+    wide = dtypes.to_float32(values, from_dtype)
+    out = dtypes.from_float32(wide, to_dtype)
+    nan = np.isnan(wide)
+    if nan.any():
+        out = out.copy() if not out.flags.writeable else out
+        out.view(CAST_NAN[to_dtype].dtype)[nan] = CAST_NAN[to_dtype]
+    return out
+
+
+def inner(rec: dict) -> dict:
+    """The inner record of an adapted record (spec 10.13): the base's shape, the record's dtype, its
+    blobs but the new rows'; a base reference of that dtype and shape (its sha256 is never used)."""
+    shape = list(rec["base"]["shape"])
+    blobs = rec["blobs"][:len(rec["blobs"]) - new_row_blobs(rec)]
+    return {"name": rec["name"], "kind": rec["params"]["inner"], "dtype": rec["dtype"], "shape": shape,
+            "params": rec["params"]["inner_params"], "blobs": blobs,
+            "base": {"dtype": rec["dtype"], "shape": shape, "sha256": rec["base"]["sha256"]}}
+
+
+def new_rows_record(rec: dict) -> dict:
+    """The new rows of an adapted record as a dense array's record (dtype, shape, its blobs)."""
+    rows = rec["shape"][0] - rec["base"]["shape"][0] if rec["shape"] else 0
+    cut = len(rec["blobs"]) - new_row_blobs(rec)
+    return {"name": rec["name"], "dtype": rec["dtype"], "shape": [rows, *rec["shape"][1:]],
+            "blobs": rec["blobs"][cut:]}
+
+
+def new_row_blobs(rec: dict) -> int:
+    """How many blobs the new rows of an adapted record take: 0 without growth, else 1 or w by layout."""
+    if not rec["shape"] or rec["shape"][0] == rec["base"]["shape"][0]:
+        return 0
+    return 1 if rec["params"]["layout"] == Layout.PLAIN else dtypes.dtype(rec["dtype"]).itemsize
+
+
+def coded_kind(rec: dict) -> int:
+    """The kind that codes a record's values: an adapted record's inner kind, else its own."""
+    if rec["kind"] == Kind.ADAPTED and isinstance(rec.get("params"), dict):
+        return rec["params"].get("inner", rec["kind"])
+    return rec["kind"]
+
+
+def is_lossy(rec: dict) -> bool:
+    """Whether the record only approximates the fine-tune's tensor (kinds 4–8, or adapted around one)."""
+    return coded_kind(rec) in LOSSY_KINDS
+
+
+def coded_params(rec: dict) -> int:
+    """Elements a lossy method coded in the record: an adapted record's inner rows, else all."""
+    if rec["kind"] == Kind.ADAPTED:
+        return math.prod(rec["base"]["shape"])
+    return math.prod(rec["shape"])
+
+
 KINDS: dict[int, RecordKind] = {k.number: k for k in (DenseDelta(), Full(), Removed(), LowrankMixed(), SparseLowrank(),
-                                                      Sign(), Lowrank(), Sparse(), LowrankRotated())}
+                                                      Sign(), Lowrank(), Sparse(), Adapted(), LowrankRotated())}
 
 
 def kind_of(rec: dict, where: str) -> RecordKind:

@@ -69,7 +69,8 @@ def unrotate(z: np.ndarray, seed: int, side: str) -> np.ndarray:
     return fwht(z, b) * z.dtype.type(1 / np.sqrt(b)) * d
 
 
-def rotate_hessian(h: np.ndarray, seed: int) -> np.ndarray:
-    """R·H·Rᵀ: the input Hessian in rotated coordinates (inputs rotate like V's elements)."""
+def rotate_hessian(h: np.ndarray, seed: int, side: str = "V") -> np.ndarray:
+    """R·H·Rᵀ: the input Hessian in rotated coordinates (inputs rotate like the elements of the side
+    that runs along them: V's for an out × in weight, U's for a weight stored in × out)."""
     h = np.asarray(h, dtype=np.float64)
-    return rotate(rotate(h, seed, "V").T.copy(), seed, "V").T.copy()
+    return rotate(rotate(h, seed, side).T.copy(), seed, side).T.copy()

@@ -26,7 +26,7 @@ codec's own readers), so the kernels never read bytes the spec rejects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -184,21 +184,58 @@ def _sign(dcm_file, rec) -> SignRecord:
     return SignRecord(shape, full, per_row, _offset(secs, "signs"), at)
 
 
-def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None):
+def transposed(rec):
+    """The same delta for a layer that stores its weight transposed (GPT-2's ``Conv1D``: in × out).
+
+    The kernels compute y += x·Δ̂ᵀ for a weight of shape (out, in).  A record of an
+    (in, out) weight has Δ̂ = Û·diag(S)·V̂ᵀ with Û along the inputs and V̂ along the
+    outputs, so Δ̂ᵀ = V̂·diag(S)·Ûᵀ: the same bytes with the roles of the factors
+    swapped (the shrink reads Û, the expand V̂); nothing is copied.  A sign record
+    (one scale per *input* row) has no such form and becomes a dense Δ̂ᵀ; a dense
+    record is transposed.
+    """
+    if isinstance(rec, FactorRecord):
+        if rec.rotation is not None:
+            raise UsageError("a lowrank-rotated record cannot be transposed: load it with load_record(..., "
+                             "transpose=True)")
+        groups = [replace(g, v_codes=g.u_codes, v_scales=g.u_scales, v_zeros=g.u_zeros,
+                          u_codes=g.v_codes, u_scales=g.v_scales, u_zeros=g.v_zeros) for g in rec.groups]
+        return FactorRecord(tuple(rec.shape[::-1]), rec.rank, rec.blob, groups, rec.kind)
+    if isinstance(rec, DenseRecord):
+        return DenseRecord(tuple(rec.shape[::-1]), np.ascontiguousarray(rec.delta.T), rec.kind)
+    raise UsageError(f"a {type(rec).__name__} cannot be transposed: load it with load_record(..., transpose=True)")
+
+
+def load_record(dcm_file, name: str, base_weight: np.ndarray | None = None, *, transpose: bool = False):
     """The packed form of record ``name`` of an open file, for a linear layer's weight.
 
     ``base_weight`` (the base tensor as a storage array) is only needed for kinds
     that are not additive (dense-delta, full), which load as a dense Δ̂.
+    ``transpose``: the record is of a weight stored in × out (``Conv1D``); the
+    result is in the kernels' (out, in) orientation (see ``transposed``).
     """
     rec = dcm_file.record(name)
+    if rec.kind == Kind.ADAPTED:
+        # The inner record: the base's rows, coded against the base cast to the record's dtype (spec
+        # 10.13). The layer adds its Δ̂ to the base as the model holds it; new rows are the caller's.
+        rec = dcm_file.inner_record(name)
+        if rec.kind not in (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.SPARSE,
+                            Kind.LOWRANK_ROTATED):
+            raise UsageError(f"{dcm_file.path}: tensor {name!r}: an adapted {rec.kind_name} record stores no "
+                             f"delta to serve: decode it")
     if len(rec.shape) != 2:
         raise UsageError(f"{dcm_file.path}: tensor {name!r} of shape {list(rec.shape)} is not a linear weight")
     loaders = {Kind.LOWRANK_MIXED: _mixed, Kind.LOWRANK: _lowrank, Kind.SPARSE_LOWRANK: _sparse_lowrank,
                Kind.SIGN: _sign, Kind.LOWRANK_ROTATED: _rotated}
-    if rec.kind in loaders:
-        return loaders[rec.kind](dcm_file, rec)
-    if rec.kind == Kind.SPARSE:
-        return DenseRecord(tuple(rec.shape), dcm_file.stored_delta(name))
-    if base_weight is None:
+    # A sign record (scales per input row) and a rotated one (its rotations belong to the sides of the
+    # stored orientation) of an in × out weight load as a dense Δ̂ᵀ instead (see ``transposed``).
+    dense_when_transposed = (Kind.SIGN, Kind.LOWRANK_ROTATED)
+    if rec.kind in loaders and not (transpose and rec.kind in dense_when_transposed):
+        out = loaders[rec.kind](dcm_file, rec)
+    elif rec.kind in loaders or rec.kind == Kind.SPARSE:
+        out = DenseRecord(tuple(rec.shape), dcm_file.stored_delta(name).reshape(rec.shape), rec.kind)
+    elif base_weight is None:
         raise UsageError(f"tensor {name!r} ({rec.kind_name}) needs its base tensor to load as a delta")
-    return DenseRecord(tuple(rec.shape), dcm_file.delta(name, base_weight), rec.kind)
+    else:
+        out = DenseRecord(tuple(rec.shape), dcm_file.delta(name, base_weight), rec.kind)
+    return transposed(out) if transpose else out

@@ -1,4 +1,4 @@
-"""Serving ``lowrank-rotated`` deltas (spec 10.13): the activations are rotated, never the weights.
+"""Serving ``lowrank-rotated`` deltas (spec 10.14): the activations are rotated, never the weights.
 
 A record stores Ẑ_V = V̂·R_Vᵀ and Ẑ_U = Û·R_Uᵀ (rows are the rotated vectors), so
 

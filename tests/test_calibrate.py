@@ -102,7 +102,7 @@ def test_file_has_every_linear_and_embedding(tiny, stats_b4):
     assert stats.hessian("no.such.weight") is None and "no.such.weight" not in stats
     assert QUERY in stats
     assert stats.tokens == report.tokens > 0
-    assert stats.metadata["format"] == "dcm-calibration" and stats.metadata["version"] == "1"
+    assert stats.metadata["format"] == "dcm-calibration" and stats.metadata["version"] == "2" and stats.transposed == frozenset()
     assert stats.metadata["seq_len"] == str(SEQ_LEN) and stats.metadata["model"] == "model"
     assert int(stats.metadata["sequences"]) == report.sequences == 14
 
@@ -212,8 +212,20 @@ def test_bad_hessians_are_refused_on_read(tmp_path, array, message):
 
 
 def test_wrong_version_is_refused(tmp_path):
-    path = tmp_path / "v2.safetensors"
+    path = tmp_path / "v3.safetensors"
     safetensors_numpy.save_file({"a.weight": np.ones(3, dtype=np.float32)}, str(path),
-                                metadata={**META, "version": "2"})
-    with pytest.raises(CheckpointError, match="version '2'"):
+                                metadata={**META, "version": "3"})
+    with pytest.raises(CheckpointError, match="version '3'"):
+        load_stats(path)
+
+
+@pytest.mark.parametrize("transposed, message", [
+    ("a.weight", "not a JSON list"), ('["a.weight", 3]', "not a JSON list"),
+    ('["b.weight"]', "names 'b.weight', which is not a Hessian"), ('["c.weight"]', "names 'c.weight'"),
+])
+def test_bad_transposed_list_is_refused(tmp_path, transposed, message):
+    path = tmp_path / "t.safetensors"
+    safetensors_numpy.save_file({"a.weight": np.eye(3, dtype=np.float32), "b.weight": np.ones(3, dtype=np.float32)},
+                                str(path), metadata={**META, "version": "2", "transposed": transposed})
+    with pytest.raises(CheckpointError, match=message):
         load_stats(path)

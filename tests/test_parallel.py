@@ -571,7 +571,11 @@ def test_jobs_choose_actions():
     lossless, lossy = methods.get_method("lossless"), methods.get_method("delta-come")
     m = TensorInfo("w", "F32", (4, 4), 64)
     assert jobs.choose_action(m, None, lossy) is jobs.Action.FULL
-    assert jobs.choose_action(m, TensorInfo("w", "F16", (4, 4), 32), lossy) is jobs.Action.REPLACED
+    # another float dtype, or more rows than the base: an adapted record (spec 10.13); other shapes: replaced
+    assert jobs.choose_action(m, TensorInfo("w", "F16", (4, 4), 32), lossy) is jobs.Action.ADAPTED
+    assert jobs.choose_action(m, TensorInfo("w", "F32", (3, 4), 48), lossless) is jobs.Action.ADAPTED
+    assert jobs.choose_action(m, TensorInfo("w", "F32", (4, 3), 48), lossy) is jobs.Action.REPLACED
+    assert jobs.choose_action(m, TensorInfo("w", "I32", (4, 4), 64), lossy) is jobs.Action.REPLACED
     assert jobs.choose_action(m, m, lossy) is jobs.Action.LOSSY
     assert jobs.choose_action(m, m, lossless) is jobs.Action.DENSE
 

@@ -1,4 +1,4 @@
-"""Incoherence rotation (spec 10.13): the transform, the encoder's lowrank-rotated records, the runtime.
+"""Incoherence rotation (spec 10.14): the transform, the encoder's lowrank-rotated records, the runtime.
 
 The conformance vectors check both decoders on lowrank-rotated files; here:
 the rotation against the spec's formula, the encoder (which sides it rotates,
@@ -25,7 +25,7 @@ from conftest import write_checkpoint
 
 
 def spec_unrotate(z: np.ndarray, seed: int, side: str) -> np.ndarray:
-    """10.13's formula, element by element: d_j · (1/√b) · Σ_q H_b[p, q] · ẑ[t·b + q]."""
+    """10.14's formula, element by element: d_j · (1/√b) · Σ_q H_b[p, q] · ẑ[t·b + q]."""
     length = z.shape[-1]
     b = length & -length
     c0 = 0 if side == "V" else 2**32
@@ -51,7 +51,7 @@ def test_rotation_is_the_spec_formula_and_orthogonal(length, side):
 
 
 def test_spec_example():
-    """10.13's example: seed 0x0123456789abcdef, V of length 4, ẑ = (1, 0, 0, 0)."""
+    """10.14's example: seed 0x0123456789abcdef, V of length 4, ẑ = (1, 0, 0, 0)."""
     got = rotation.unrotate(np.array([[1.0, 0, 0, 0]]), 0x0123456789ABCDEF, "V")
     assert got.tolist() == [[0.5, -0.5, 0.5, -0.5]]
 

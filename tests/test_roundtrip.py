@@ -151,8 +151,9 @@ def test_scalars(tmp_path):
         "retyped": ("F16", np.array(2.0, np.float16)),
     }
     out, _, decoded = roundtrip(tmp_path, base, ft)
+    # retyped: F32 to F16, a cast an adapted record codes against (spec 10.13)
     assert kinds_of(out) == {"s": "dense-delta", "s16": "dense-delta", "new": "full",
-                             "retyped": "full", "gone": "removed"}
+                             "retyped": "adapted", "gone": "removed"}
     assert read_checkpoint(decoded)["s"][1].shape == ()
 
 

@@ -152,7 +152,8 @@ def decode_with_dcm(path: Path, base: Path | None, mode: str = "verifier") -> di
                 tensor = rebuild(f, ckpt, rec.name)
             elif not records.KINDS[rec.kind].needs_base:
                 tensor = f.tensor_from(rec.name)
-            codes, factors = PARTS[rec.kind](rec, f.raw_blobs(rec))
+            coded = f.inner_record(rec.name) if rec.kind == Kind.ADAPTED else rec  # spec 10.13: the inner's
+            codes, factors = PARTS[coded.kind](coded, f.raw_blobs(coded))
             out[rec.name] = (codes, factors, None if tensor is None else np.ascontiguousarray(tensor).tobytes())
         if ckpt is not None:
             check_removed(f, ckpt)
@@ -270,7 +271,7 @@ def test_manifest_is_complete():
     # every kind of the registry has a valid vector
     kinds = {t["kind"] for v in DECODABLE for t in load_expected(v)["tensors"].values()}
     assert kinds == {"dense-delta", "full", "removed", "lowrank-mixed", "sparse-lowrank", "sign", "lowrank", "sparse",
-                     "lowrank-rotated"}
+                     "lowrank-rotated", "adapted"}
     # every blob encoding of the registry is in a valid vector
     encodings = set()
     for v in DECODABLE:

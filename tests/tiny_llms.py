@@ -5,7 +5,10 @@ config class, trained a little (AdamW) on text that ships with Python, and
 fine-tuned twice on other text, as a user's full fine-tunes would be:
 
 - ``base``: trained from random init on the standard library's sources a–m;
-- ``ft1`` / ``ft2``: the base trained further on other modules' text.
+- ``ft1`` / ``ft2``: the base trained further on other modules' text;
+- ``ft1-vocab``: the base with ``ADDED_TOKENS`` new tokens (its vocabulary resized:
+  ``embed_tokens`` and ``lm_head`` get more rows, the tokenizer the new tokens),
+  trained further on the ft1 text, where the new tokens occur.
 
 Every role is saved as a Hugging Face model directory with a locally trained
 byte-level BPE tokenizer, in float32 and bfloat16 (the bf16 copies are casts of
@@ -43,9 +46,13 @@ HEADS = 4
 HEAD_DIM = HIDDEN // HEADS
 SEQ = 64
 BATCH = 8
-STEPS = {"base": 150, "ft1": 60, "ft2": 60}
-LR = {"base": 3e-3, "ft1": 1e-3, "ft2": 1e-3}
+STEPS = {"base": 150, "ft1": 60, "ft2": 60, "ft1-vocab": 40}
+LR = {"base": 3e-3, "ft1": 1e-3, "ft2": 1e-3, "ft1-vocab": 1e-3}
 ROLES = ("base", "ft1", "ft2")
+VOCAB_ROLES = ("ft1-vocab",)  # fine-tunes whose vocabulary grew (resized embeddings and lm_head)
+# Frequent words of the ft1 text, added as whole tokens by the resized-vocabulary fine-tune.
+ADDED_TOKENS = ("self", "return", "None", "def ", "import", "raise", "elif", "True", "False", "string",
+                "value", "result", "path", "name", "class ", "lambda")
 DTYPES = ("float32", "bfloat16")
 SHARD_SIZE = "100KB"  # splits the fp32 base (~1 MB) into several shards
 
@@ -91,7 +98,7 @@ def _stdlib() -> Path:
 
 def corpus(role: str, max_chars: int = 400_000) -> str:
     """Python sources of the standard library, split by the module's first letter per role."""
-    letters = {"base": "abcdefghijklm", "ft1": "nopqrs", "ft2": "tuvwxyz"}[role]
+    letters = {"base": "abcdefghijklm", "ft1": "nopqrs", "ft1-vocab": "nopqrs", "ft2": "tuvwxyz"}[role]
     parts, size = [], 0
     for path in sorted(_stdlib().glob("*.py")):
         if path.name[0].lower() not in letters:
@@ -176,6 +183,12 @@ def _build_family(family: str, out: Path) -> None:
         log[role] = _train(model, tokenizer, role, seed=i)
         for dtype in DTYPES:
             _save(model, tokenizer, out / _name(role, dtype), dtype)
+    model.load_state_dict(base_state)
+    tokenizer.add_tokens(list(ADDED_TOKENS))  # as a user adds tokens before fine-tuning
+    model.resize_token_embeddings(len(tokenizer))  # new rows: the mean of the old ones (transformers' default)
+    log["ft1-vocab"] = _train(model, tokenizer, "ft1-vocab", seed=len(ROLES) + 1)
+    for dtype in DTYPES:
+        _save(model, tokenizer, out / _name("ft1-vocab", dtype), dtype)
     (out / "losses.txt").write_text("".join(f"{r}: {v[0]:.3f} -> {v[-1]:.3f}\n" for r, v in log.items()))
     shutil.rmtree(out / "_tokenizer")
 
@@ -219,9 +232,9 @@ def family_dir(family: str) -> Path:
 
 
 def model_dir(family: str, role: str = "base", dtype: str = "float32", sharded: bool = False) -> Path:
-    """A saved model directory: ``role`` in base/ft1/ft2, ``dtype`` float32/bfloat16; ``sharded``
-    exists for the fp32 base only."""
-    if role not in ROLES or dtype not in DTYPES or (sharded and (role, dtype) != ("base", "float32")):
+    """A saved model directory: ``role`` in base/ft1/ft2/ft1-vocab, ``dtype`` float32/bfloat16;
+    ``sharded`` exists for the fp32 base only."""
+    if role not in ROLES + VOCAB_ROLES or dtype not in DTYPES or (sharded and (role, dtype) != ("base", "float32")):
         raise ValueError(f"no tiny model {family}/{_name(role, dtype, sharded)}")
     return family_dir(family) / _name(role, dtype, sharded)
 

@@ -58,8 +58,10 @@ def stored_length(raw: bytes, zstd_level: int, entropy: bool = True) -> int:
 
 
 def total_budget(ratio, tensors) -> int:
+    """⌊2·ratio·P⌋ bytes for the P parameters of ``tensors``, less what their records' wrappers take
+    (``overhead`` of an ``adapted.InnerInfo``: the index bytes around an inner record)."""
     params = sum(math.prod(t.shape) for t in tensors)
-    return int(ratio * 16 * params) // 8
+    return int(ratio * 16 * params) // 8 - sum(getattr(t, "overhead", 0) for t in tensors)
 
 
 def share_budgets(tensors, total: int, floor) -> dict[str, int]:

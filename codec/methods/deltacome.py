@@ -44,7 +44,7 @@ and clipped codes are flatter, so they compress less and buy fewer vectors.
 
 Rotation (``rotation="hadamard"``): the singular vectors are stored rotated by
 a seeded randomized Hadamard transform (``lowrank-rotated`` records, spec
-10.13) on each side whose Hadamard blocks hold at least 16 elements, so an
+10.14) on each side whose Hadamard blocks hold at least 16 elements, so an
 outlier element spreads over its block before the grid is fitted.  Measured on
 the real pair within ±0.001 of the unrotated gain (1/16 to 1/64, with and
 without GPTQ), so it is an option, not the default.
@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import blobs, dtypes, lowrank, quant
-from ..calibrate import HessianCache, open_stats
+from ..calibrate import HessianCache, open_stats, plan_gptq
 from ..constants import DEFAULT_ALIGNMENT, MAX_BIT_GROUPS, Kind, Packing, Rotation
 from ..errors import UsageError
 from ..lowrank import BitGroup, Factor
@@ -229,6 +229,7 @@ class DeltaCoMe(Method):
         self.total = 0  # the file's budget (prepare)
         self.budgets: dict[str, int] = {}  # recipe: each matrix's share (prepare)
         self.hints: dict[str, int] = {}  # rd with a randomized SVD: the rank each matrix's sketch finds
+        self.gptq_tensors: list[str] = []  # with calibration: the matrices that have statistics (planned)
         self.cache = SvdCache(SVD_CACHE_BYTES)  # factors kept between measuring and encoding under ``rd``
 
     def get_config(self) -> dict:
@@ -244,7 +245,7 @@ class DeltaCoMe(Method):
             config.update({"oversample": self.oversample, "power_iters": self.power_iters, "seed": self.seed})
         if self.stats:
             config.update({"damp": self.damp, "refit_u": self.refit, "calibration_tokens": self.stats.tokens,
-                           "calibration_sha256": self.stats.sha256})
+                           "calibration_sha256": self.stats.sha256, "gptq_tensors": list(self.gptq_tensors)})
         return config
 
     def wants_tensor(self, name, dtype_name, shape) -> bool:
@@ -253,8 +254,7 @@ class DeltaCoMe(Method):
     # --- planning ------------------------------------------------------------------------
 
     def total_budget(self, tensors) -> int:
-        params = sum(math.prod(t.shape) for t in tensors)
-        return int(self.ratio * 16 * params) // 8
+        return budget.total_budget(self.ratio, tensors)
 
     @property
     def measures(self) -> bool:
@@ -275,6 +275,8 @@ class DeltaCoMe(Method):
 
     def prepare(self, tensors) -> None:
         """Share the file's budget over ``tensors`` (TensorInfo of every matrix this method will encode)."""
+        if self.stats is not None:
+            self.gptq_tensors = plan_gptq(self._hessians, tensors, self.name)
         self.total = total = self.total_budget(tensors)
         empty = {t.name: self.cost(t.name, t.dtype, t.shape, []) for t in tensors}
         if sum(empty.values()) > total:
@@ -329,7 +331,8 @@ class DeltaCoMe(Method):
         """(output-side, input-side) weights of the error: None (identity) or the input Hessian."""
         if self.metric == "weights":
             return None, None
-        return None, self._hessian(name, shape)
+        h, axis = self._hessian(name, shape)  # rotated like the vectors the fit measures
+        return (h, None) if axis == 0 else (None, h)
 
     # --- encoding ------------------------------------------------------------------------
 
@@ -351,7 +354,7 @@ class DeltaCoMe(Method):
                 raise UsageError("delta-come with alloc='rd' codes a matrix only as planned over the file")
             plan = TensorPlan(budget=int(self.ratio * 16 * math.prod(shape)) // 8)
         delta = None  # only the U refit reads Δ itself
-        if self.refit and self._hessian(name, shape) is not None:
+        if self.refit and self._hessians.sided(name, shape)[0] is not None:
             delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
         if self.alloc == "rd":
             svd = self._rotated(name, shape, self.factorize(name, ft, base, dtype_name, self.hints.get(name)))
@@ -447,35 +450,49 @@ class DeltaCoMe(Method):
         if not k:
             return s, None, None
         bits = np.concatenate([[g.bits] * g.count for g in groups]).astype(np.int64)
-        h = self._hessian(name, shape)
+        h, axis = self._hessian(name, shape)
         rtn = self.quantizer.rtn
         if h is None:
             return s, rtn(svd.v[:k], bits, self.group_size), rtn(svd.u[:k], bits, self.group_size)
+        if axis == 0:  # a weight stored in × out (Conv1D): U runs along the inputs, so the roles swap
+            u, v = self._gptq(svd.u[:k], svd.v[:k], s, None if delta is None else delta.T, h, bits)
+            return s, v, u
+        v, u = self._gptq(svd.v[:k], svd.u[:k], s, delta, h, bits)
+        return s, v, u
+
+    def _gptq(self, inputs, outputs, s, delta, h, bits) -> tuple:
+        """GPTQ of the input-side vectors against ``h``, then of the output side against the Hessian
+        of x·(input side)ᵀ·diag(S) (refitted first to absorb the input side's error, with ``refit``)."""
         if self.quantizer.name == "minmax":  # min-max grids: GPTQ on the device when there is one
             rows, columns = accel.gptq_rows, accel.gptq_columns
         else:  # other grids: numpy GPTQ with the quantizer's fit (the CPU's)
             fit = self.quantizer.fit
             rows = lambda *a: gptq.quantize_rows(*a, fit=fit)  # noqa: E731
             columns = lambda *a: gptq.quantize_columns(*a, fit=fit)  # noqa: E731
-        v = rows(svd.v[:k], h, bits, self.group_size, self.damp)
-        v_hat = quant.dequantize(*v, self.group_size)
-        u_target = gptq.refit_u(delta, v_hat, s, h, self.damp) if self.refit else svd.u[:k]
-        u = columns(u_target, gptq.u_hessian(v_hat, s, h), bits, self.group_size, self.damp)
-        return s, v, u
+        q_in = rows(inputs, h, bits, self.group_size, self.damp)
+        in_hat = quant.dequantize(*q_in, self.group_size)
+        target = gptq.refit_u(delta, in_hat, s, h, self.damp) if self.refit else outputs
+        q_out = columns(target, gptq.u_hessian(in_hat, s, h), bits, self.group_size, self.damp)
+        return q_in, q_out
 
-    def _hessian(self, name, shape):
-        """The matrix's input Hessian from the calibration statistics (read once per matrix), or None;
-        in rotated coordinates (R·H·Rᵀ) when the record rotates its V side."""
-        h = self._hessians.get(name, shape)
+    def calibrated(self, name, shape) -> bool:
+        """Whether this matrix is quantized with GPTQ (the statistics hold its input Hessian)."""
+        return self._hessians.available(name, shape)
+
+    def _hessian(self, name, shape) -> tuple:
+        """(the matrix's input Hessian from the calibration statistics, read once per matrix, or None;
+        the axis of its inputs): in rotated coordinates (R·H·Rᵀ) when the record rotates its input side."""
+        h, axis = self._hessians.sided(name, shape)
         rotation = self._rotation(name, shape)
-        if h is None or rotation is None or rotation[0] != Rotation.HADAMARD:
-            return h
+        side = "V" if axis == 1 else "U"
+        if h is None or rotation is None or rotation[0 if side == "V" else 1] != Rotation.HADAMARD:
+            return h, axis
         cached = self._rotated_h  # one read: encoder threads share this method
         if cached[0] == name:
-            return cached[1]
-        h = rotate_hessian(h, rotation[2])
+            return cached[1], axis
+        h = rotate_hessian(h, rotation[2], side)
         self._rotated_h = (name, h)
-        return h
+        return h, axis
 
     # --- rotation ------------------------------------------------------------------------
 

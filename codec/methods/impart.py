@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from .. import masks, sections, sparse_lowrank
-from ..calibrate import HessianCache, open_stats
+from ..calibrate import HessianCache, open_stats, plan_gptq
 from ..constants import Kind, MaskEncoding, Packing
 from ..errors import UsageError
 from ..lowrank import BitGroup
@@ -184,13 +184,19 @@ class ImPartQt(ImPart):
         self.recipe, self.group_size, self.damp = parse_recipe(recipe), group_size, float(damp)
         self.stats = open_stats(calibration)
         self._hessians = HessianCache(self.stats)
+        self.gptq_tensors: list[str] = []  # with calibration: the matrices that have statistics (planned)
+
+    def prepare(self, tensors) -> None:
+        if self.stats is not None:
+            self.gptq_tensors = plan_gptq(self._hessians, tensors, self.name)
+        super().prepare(tensors)
 
     def get_config(self) -> dict:
         config = {**super().get_config(), "recipe": recipe_text(self.recipe), "group_size": self.group_size,
                   "quantizer": "gptq" if self.stats else "rtn"}
         if self.stats:
             config.update({"damp": self.damp, "calibration_tokens": self.stats.tokens,
-                           "calibration_sha256": self.stats.sha256})
+                           "calibration_sha256": self.stats.sha256, "gptq_tensors": list(self.gptq_tensors)})
         return config
 
     def _values_config(self):
@@ -209,17 +215,30 @@ class ImPartQt(ImPart):
         return out
 
     def quantize(self, name, shape, groups, s, v, u, v_keep, u_keep) -> list:
-        h = self._hessians.get(name, shape)
+        h, axis = self._hessians.sided(name, shape)
         if h is None:
             return [(sparse_lowrank.quantize_rtn(v[g.start:g.stop][v_keep[g.start:g.stop]],
                                                  v_keep[g.start:g.stop].sum(axis=1), g),
                      sparse_lowrank.quantize_rtn(u[g.start:g.stop][u_keep[g.start:g.stop]],
                                                  u_keep[g.start:g.stop].sum(axis=1), g)) for g in groups]
         bits = np.concatenate([[g.bits] * g.count for g in groups])
-        v_vals, v_hat = gptq.quantize_rows_masked(v, v_keep, h, bits, self.group_size, self.damp)
-        u_h = gptq.u_hessian(v_hat, s, h)
-        u_vals, _ = gptq.quantize_columns_masked(u, u_keep, u_h, bits, self.group_size, self.damp)
+        if axis == 0:  # a weight stored in × out (Conv1D): U runs along the inputs, so the roles swap
+            u_vals, v_vals = self._gptq(u, u_keep, v, v_keep, s, h, bits)
+        else:
+            v_vals, u_vals = self._gptq(v, v_keep, u, u_keep, s, h, bits)
         return [(_slice_values(v_vals, v_keep, g), _slice_values(u_vals, u_keep, g)) for g in groups]
+
+    def _gptq(self, inputs, in_keep, outputs, out_keep, s, h, bits):
+        """GPTQ of the kept input-side elements against ``h``, then of the output side against the
+        Hessian of x·(input side)ᵀ·diag(S)."""
+        in_vals, in_hat = gptq.quantize_rows_masked(inputs, in_keep, h, bits, self.group_size, self.damp)
+        out_vals, _ = gptq.quantize_columns_masked(outputs, out_keep, gptq.u_hessian(in_hat, s, h), bits,
+                                                   self.group_size, self.damp)
+        return in_vals, out_vals
+
+    def calibrated(self, name, shape) -> bool:
+        """Whether this matrix is quantized with GPTQ (the statistics hold its input Hessian)."""
+        return self._hessians.available(name, shape)
 
 
 def _slice_values(per_vector: list, keep: np.ndarray, group: BitGroup) -> Values:

@@ -132,9 +132,11 @@ LOSSY_DTYPES = ("F32", "F16", "BF16")
 
 # §10 registry of kinds.
 KINDS = {1: "dense-delta", 2: "full", 3: "removed", 4: "lowrank-mixed",
-         5: "sparse-lowrank", 6: "sign", 7: "lowrank", 8: "sparse", 10: "lowrank-rotated"}
+         5: "sparse-lowrank", 6: "sign", 7: "lowrank", 8: "sparse", 9: "adapted", 10: "lowrank-rotated"}
+ADAPTED_INNER = (1, 4, 5, 6, 7, 8, 10)  # §10.13 param `inner`
+CAST_NAN = {"F32": 0x7FC00000, "F16": 0x7E00, "BF16": 0x7FC0}  # §10.13 decoding step 1
 ENC_RAW, ENC_ZSTD, ENC_RANS = 0, 1, 2   # §8, §8.2
-ROT_NONE, ROT_HADAMARD = 0, 1     # §10.13
+ROT_NONE, ROT_HADAMARD = 0, 1     # §10.14
 PLAIN, BYTE_PLANES = 0, 1         # §10.2
 SUB_ZIGZAG = 1                    # §10.3
 LSB_FIRST = 1                     # §11
@@ -908,7 +910,7 @@ def open_lowrank_mixed(r):
 
 
 def open_lowrank_rotated(r):
-    """§10.13: as §10.7, params packing, v_rotation, u_rotation, seed, groups."""
+    """§10.14: as §10.7, params packing, v_rotation, u_rotation, seed, groups."""
     check_matrix(r)
     need_base_equal(r)
     r.params_ = {}
@@ -1018,8 +1020,70 @@ def open_sparse(r):
         raise PayloadError(f"{r.what}: raw_length outside [{lo}, {hi}]")
 
 
+def adapted_new_blobs(r):
+    """§10.13: b, the count of the new rows' blobs (0 without growth, else 1 or w by layout)."""
+    if r.shape == r.base.shape:
+        return 0
+    return 1 if r.params["layout"] == PLAIN else DTYPES[r.dtype]
+
+
+def adapted_inner(r):
+    """§10.13: the inner record: the base's shape, the record's dtype, all blobs but the new rows'."""
+    inner = Record()
+    inner.name, inner.kind, inner.dtype = r.name, r.params["inner"], r.dtype
+    inner.shape = r.base.shape
+    inner.params = r.params["inner_params"]
+    inner.blobs = r.blobs[:len(r.blobs) - adapted_new_blobs(r)]
+    inner.base = BaseRef(r.dtype, r.base.shape, r.base.sha256)
+    return inner
+
+
+def adapted_new_rows(r):
+    """§10.13: the new rows as a record of their own (dtype, shape, layout, their blobs)."""
+    new = Record()
+    new.name, new.kind, new.dtype = r.name, 2, r.dtype
+    new.shape = (r.shape[0] - r.base.shape[0],) + tuple(r.shape[1:])
+    new.params = {"layout": r.params["layout"]}
+    new.blobs = r.blobs[len(r.blobs) - adapted_new_blobs(r):]
+    return new
+
+
+def open_adapted(r):
+    """§10.13 open-time checks 1 to 3."""
+    if r.base is None:
+        raise IndexSchemaError(f"{r.what}: missing base reference")
+    cast = r.base.dtype != r.dtype
+    if cast and not (r.base.dtype in LOSSY_DTYPES and r.dtype in LOSSY_DTYPES):
+        raise PayloadError(f"{r.what}: adapted cast {r.base.dtype} -> {r.dtype} not allowed")
+    same = tuple(r.base.shape) == tuple(r.shape)
+    grown = (len(r.shape) >= 1 and len(r.shape) == len(r.base.shape)
+             and tuple(r.shape[1:]) == tuple(r.base.shape[1:]) and r.base.shape[0] < r.shape[0])
+    if not (same or grown) or (same and not cast):
+        raise PayloadError(f"{r.what}: adapted record against base {r.base.dtype}{list(r.base.shape)}: "
+                           f"neither a cast nor growth along the first axis")
+
+    def inner_params(v):
+        if type(v) is not dict:
+            raise IndexSchemaError(f"{r.what}: param 'inner_params' is not a map")
+
+    check_params(r, [("inner", int_in(r, "inner", ADAPTED_INNER)),
+                     ("layout", int_in(r, "layout", (PLAIN, BYTE_PLANES))),
+                     ("inner_params", inner_params)])
+    b = adapted_new_blobs(r)
+    if len(r.blobs) < b:
+        raise PayloadError(f"{r.what}: {len(r.blobs)} blobs, the new rows alone need {b}")
+    r.params_ = adapted_inner(r)  # kept: its kind's open checks store what they parse on it
+    OPENERS[r.params_.kind](r.params_)
+    if b:
+        new = adapted_new_rows(r)
+        want = new.n * DTYPES[r.dtype] if r.params["layout"] == PLAIN else new.n
+        for blob in new.blobs:
+            if blob.raw_length != want:
+                raise PayloadError(f"{blob.where}: raw_length {blob.raw_length}, expected {want}")
+
+
 OPENERS = {1: open_dense_delta, 2: open_full, 3: open_removed, 4: open_lowrank_mixed,
-           5: open_sparse_lowrank, 6: open_sign, 7: open_lowrank, 8: open_sparse,
+           5: open_sparse_lowrank, 6: open_sign, 7: open_lowrank, 8: open_sparse, 9: open_adapted,
            10: open_lowrank_rotated}
 
 
@@ -1106,6 +1170,7 @@ class Payload:
         self.factors = factors    # float32 bytes of §19.2, or None
         self.delta = delta        # () -> Δ̂, n floats (kinds 4-8); lazy: only a rebuild needs it
         self.exact = exact        # dense array as bytes (kinds 1, 2)
+        self.new_rows = b""       # kind 9: the new rows' bit patterns
 
 
 def uint_dtype(w):
@@ -1154,7 +1219,7 @@ def mixed_vectors(parts, c, length, bits, gs, what):
 
 
 def hadamard_back(z, seed, side):
-    """§10.13 decoder direction Rᵀ·ẑ of each row of z, in float64: per block of b (the
+    """§10.14 decoder direction Rᵀ·ẑ of each row of z, in float64: per block of b (the
     largest power of two dividing the length), d_j · (1/√b) · Σ_q H_b[p, q] · ẑ[q]."""
     k, length = z.shape
     b = length & -length
@@ -1175,7 +1240,7 @@ def hadamard_back(z, seed, side):
 
 
 def payload_lowrank_rotated(r, raws):
-    """§10.13: the blob of §10.7; factors are the stored vectors, Δ̂ from the rotated-back ones."""
+    """§10.14: the blob of §10.7; factors are the stored vectors, Δ̂ from the rotated-back ones."""
     payload = payload_lowrank_mixed(r, raws)
     groups = r.params_["groups"]
     m, n = r.shape
@@ -1329,9 +1394,18 @@ def payload_sparse(r, raws):
     return Payload(keep.astype(np.uint8).tobytes(), delta.astype("<f4").tobytes(), lambda: delta)
 
 
+def payload_adapted(r, raws):
+    """§10.13: the inner record's payload (its codes and factors), and the new rows' bit patterns."""
+    b = adapted_new_blobs(r)
+    inner = r.params_  # the inner record, as open_adapted checked it
+    payload = PAYLOADS[inner.kind](inner, raws[:len(raws) - b])
+    payload.new_rows = dense_array(adapted_new_rows(r), raws[len(raws) - b:]) if b else b""
+    return payload
+
+
 PAYLOADS = {1: payload_dense, 2: payload_dense, 3: payload_removed,
             4: payload_lowrank_mixed, 5: payload_sparse_lowrank, 6: payload_sign,
-            7: payload_lowrank, 8: payload_sparse, 10: payload_lowrank_rotated}
+            7: payload_lowrank, 8: payload_sparse, 9: payload_adapted, 10: payload_lowrank_rotated}
 
 
 # ------------------------------------------------------ §9 float rounding
@@ -1361,8 +1435,20 @@ def from_float32(dtype, x):
     return rounded.astype("<u2").tobytes()
 
 
+def adapted_base(r, base_raw):
+    """§10.13 decoding step 1: the base cast to the record's dtype, a NaN as the cast NaN."""
+    if r.base.dtype == r.dtype:
+        return base_raw
+    wide = to_float32(r.base.dtype, base_raw)
+    out = np.frombuffer(from_float32(r.dtype, wide), uint_dtype(DTYPES[r.dtype])).copy()
+    out[np.isnan(wide)] = CAST_NAN[r.dtype]
+    return out.tobytes()
+
+
 def rebuild(r, payload, base_raw):
     """§10: the fine-tuned tensor's bytes."""
+    if r.kind == 9:  # §10.13 steps 2 and 3: the inner record against the adapted base, then new rows
+        return rebuild(r.params_, payload, adapted_base(r, base_raw)) + payload.new_rows
     if r.kind == 2:
         return payload.exact
     if r.kind == 1:
@@ -1449,6 +1535,7 @@ def base_tensor(r, base):
 class TensorResult:
     def __init__(self, r, payload, data):
         self.kind = KINDS[r.kind]
+        self.inner = KINDS[r.params_.kind] if r.kind == 9 else None  # §10.13: an adapted record's inner kind
         self.dtype = r.dtype
         self.shape = tuple(r.shape)
         self.codes = payload.codes

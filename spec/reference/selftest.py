@@ -222,7 +222,7 @@ def test_rans_example():
 
 
 def test_hadamard_example():
-    """§10.13's example: seed 0x0123456789abcdef, V of length 4, stored (1, 0, 0, 0)."""
+    """§10.14's example: seed 0x0123456789abcdef, V of length 4, stored (1, 0, 0, 0)."""
     got = dcmref.hadamard_back(np.array([[1.0, 0, 0, 0]]), 0x0123456789ABCDEF, "V")
     assert got.tolist() == [[0.5, -0.5, 0.5, -0.5]]
 

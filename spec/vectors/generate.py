@@ -40,7 +40,7 @@ HEADER = struct.Struct("<8sHHIIIQQ20sI")
 CREATOR = "dcm conformance vectors 1"
 NP_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "U8": "<u1", "I32": "<i4"}
 KIND_NAMES = {1: "dense-delta", 2: "full", 3: "removed", 4: "lowrank-mixed", 5: "sparse-lowrank", 6: "sign",
-              7: "lowrank", 8: "sparse", 10: "lowrank-rotated"}
+              7: "lowrank", 8: "sparse", 9: "adapted", 10: "lowrank-rotated"}
 
 
 # --- deterministic numbers --------------------------------------------------------------------
@@ -484,7 +484,7 @@ def lowrank_mixed_record(name, dtype, base, groups, s, pairs, *, compress=False)
 
 
 def hadamard_back(z: np.ndarray, seed: int, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """10.13's Rᵀ·ẑ of each row in float64, by its formula (H_b[p, q] = (−1)^popcount(p AND q)), and
+    """10.14's Rᵀ·ẑ of each row in float64, by its formula (H_b[p, q] = (−1)^popcount(p AND q)), and
     the magnitudes (1/√b)·Σ|ẑ| over each element's block that the tolerance uses."""
     k, length = z.shape
     b = length & -length
@@ -499,7 +499,7 @@ def hadamard_back(z: np.ndarray, seed: int, side: str) -> tuple[np.ndarray, np.n
 
 def lowrank_rotated(rng: Stream, name, dtype, base, groups, *, v_rotation: int, u_rotation: int, seed: int,
                     compress=False) -> Record:
-    """A lowrank-rotated record (10.13): the stored vectors are random codes, as for lowrank-mixed."""
+    """A lowrank-rotated record (10.14): the stored vectors are random codes, as for lowrank-mixed."""
     m, n = base.shape
     groups = [BitGroup(*g) for g in groups]
     s = singular_values(rng, groups[-1].stop if groups else 0)
@@ -1643,7 +1643,173 @@ def zstd_vectors() -> list:
     ]
 
 
-# --- version 1.3: the rans encoding (8.2) and lowrank-rotated (10.13) ---------------------------
+# --- kind 9, adapted (10.13): a base of another dtype, or with fewer rows ---------------------------
+
+CAST_NAN = {"F32": 0x7FC00000, "F16": 0x7E00, "BF16": 0x7FC0}
+
+
+def cast(base: np.ndarray, base_dtype: str, dtype: str) -> np.ndarray:
+    """The adapted base of 10.13 step 1: widened to float32, rounded to ``dtype``, NaNs as the cast NaN."""
+    if base_dtype == dtype:
+        return base
+    wide = dtypes.to_float32(base, base_dtype)
+    out = dtypes.from_float32(wide, dtype).copy()
+    bits = out.view(f"<u{out.dtype.itemsize}")
+    bits[np.isnan(wide)] = CAST_NAN[dtype]
+    return out
+
+
+def adapted(inner: Record, base: np.ndarray, base_dtype: str, new_rows: np.ndarray | None = None, *,
+            layout: int = 0, compress: bool = False) -> Record:
+    """An adapted record around ``inner`` (built against ``cast(base, ...)``), then ``new_rows`` whole."""
+    blobs, shape = list(inner.blobs), tuple(inner.shape)
+    if new_rows is not None:
+        blobs += dense_array_blobs(new_rows, layout, compress)
+        shape = (shape[0] + new_rows.shape[0], *shape[1:])
+    e = inner.expected
+    expected = {"codes": e["codes"], "count": e["count"]}
+    if "factors" in e:
+        expected.update(factors=e["factors"], factor_count=e["factor_count"])
+    rows = np.zeros((0, *shape[1:]), inner.base.dtype) if new_rows is None else new_rows
+    if "tensor" in e:
+        expected["tensor"] = np.concatenate([np.asarray(e["tensor"]).reshape(inner.shape), rows])
+    else:
+        values = as_float64(inner.base, inner.dtype) + e["delta"]
+        atol = e["bound"] + ulp(np.abs(values) + e["bound"], inner.dtype)
+        expected["values"] = np.concatenate([values, as_float64(rows, inner.dtype)])
+        expected["atol"] = np.concatenate([atol, np.zeros(rows.shape)])
+    params = {"inner": inner.kind, "layout": layout, "inner_params": inner.params}
+    return Record(inner.name, 9, inner.dtype, shape, params, blobs, base, base_dtype, expected=expected)
+
+
+def adapted_example() -> File:
+    """The example of spec 10.13: BF16 [3, 2] against an F32 base [2, 2]."""
+    base = np.array([[1.0, 0.1], [-2.0, 3.0]], "<f4")
+    ft = storage(np.array([[1.0078125, 0.10009765625], [-1.9921875, 3.0]], np.float32), "BF16")
+    inner = dense_delta("w", "BF16", cast(base, "F32", "BF16"), ft)
+    return File([adapted(inner, base, "F32", storage(np.array([[0.5, -0.5]], np.float32), "BF16"))], minor=3)
+
+
+def adapted_file() -> File:
+    rng = Stream(40)
+    records = []
+    # cast F32 -> BF16 (a bf16 fine-tune of an fp32 base), lowrank-mixed inside
+    base = rng.floats((12, 16), "F32", scale_bits=9)
+    inner = lowrank_mixed(rng, "cast-lowrank", "BF16", cast(base, "F32", "BF16"), [[0, 2, 4, 8]])
+    records.append(adapted(inner, base, "F32"))
+    # cast BF16 -> F32 and growth: dense-delta in byte-planes (zstd), new rows in byte-planes
+    base = rng.floats((6, 5), "BF16")
+    grown = rng.floats((9, 5), "F32", scale_bits=11)
+    inner = dense_delta("embed", "F32", cast(base, "BF16", "F32"), grown[:6], layout=1, compress=True)
+    records.append(adapted(inner, base, "BF16", grown[6:], layout=1, compress=True))
+    # growth alone (F16), sign inside, the new row zstd
+    base = rng.floats((5, 8), "F16")
+    inner = sign_rec(rng, "head", "F16", base, per_row=True)
+    records.append(adapted(inner, base, "F16", rng.floats((2, 8), "F16"), compress=True))
+    # cast F16 -> BF16, sparse (hash mask) inside
+    base = rng.floats((4, 6), "F16")
+    inner = sparse_rec(rng, "norm", "BF16", cast(base, "F16", "BF16"), mask=1, seed=9, drop=0x60000000)
+    records.append(adapted(inner, base, "F16"))
+    # a 1-D tensor grown by 3 elements, same dtype, dense-delta
+    base = rng.floats((5,), "F32")
+    inner = dense_delta("bias", "F32", base, nudged(rng, base))
+    records.append(adapted(inner, base, "F32", rng.floats((3,), "F32")))
+    return File(records, minor=3)
+
+
+def adapted_edges() -> File:
+    rng = Stream(41)
+    # NaNs of any sign and payload, values beyond F16's range, subnormals: cast F32 -> F16, dense-delta inside
+    base = storage(np.array([1.0, np.inf, -np.inf, 1e30, -1e30, 2.0**-20, -(2.0**-25), 0.0, -0.0, 1.0], np.float32),
+                   "F32")
+    base.view("<u4")[[0, 9]] = [0xFFC00001, 0x7F800123]  # a negative quiet NaN, a signalling NaN
+    casted = cast(base, "F32", "F16")
+    ft = nudged(rng, casted, 2)
+    ft.view("<u2")[0] = 0x3C00  # the fine-tune need not keep the NaN
+    records = [adapted(dense_delta("nan-cast", "F16", casted, ft), base, "F32")]
+    # growth around a lowrank of rank 0 (no inner blob): the new rows' w blobs are all the record's
+    base = rng.floats((3, 4), "BF16")
+    inner = lowrank_rec(rng, "rank-zero", "BF16", base, 0)
+    records.append(adapted(inner, base, "BF16", rng.floats((2, 4), "BF16"), layout=1))
+    # a BF16 NaN cast to F32 (widening keeps every value, the NaN becomes the cast NaN)
+    base = rng.floats((2, 2), "BF16")
+    base[0, 1] = 0xFFC1
+    casted = cast(base, "BF16", "F32")
+    records.append(adapted(dense_delta("nan-widen", "F32", casted, nudged(rng, casted)), base, "BF16"))
+    return File(records, minor=3)
+
+
+def adapted_small() -> File:
+    """The source of the faulty vectors: F32 -> BF16 with 2 new rows in byte-planes (blobs: 1 + 2)."""
+    rng = Stream(42)
+    base = rng.floats((3, 4), "F32")
+    grown = rng.floats((5, 4), "BF16")
+    inner = dense_delta("w", "BF16", cast(base, "F32", "BF16"), grown[:3])
+    return File([adapted(inner, base, "F32", grown[3:], layout=1)], minor=3)
+
+
+def adapted_lowrank_small() -> File:
+    rng = Stream(43)
+    base = rng.floats((6, 8), "F16")
+    inner = lowrank_mixed(rng, "w", "BF16", cast(base, "F16", "BF16"), [[0, 1, 4, 8]])
+    return File([adapted(inner, base, "F16")], minor=3)
+
+
+def adapted_vectors() -> list:
+    def f(name, source, edit, error, description):
+        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, "10.13", error,
+                            description)
+    inner_param = lambda key, value: set_in(("tensors", 0, "params", "inner_params", key), value)  # noqa: E731
+    return [
+        ValidVector("adapted-example", "valid", adapted_example, "10.13", 3, "the worked example of section 10.13"),
+        ValidVector("adapted", "valid", adapted_file, "10.13", 3,
+                    "adapted records: F32 -> BF16 around lowrank-mixed; BF16 -> F32 with 3 new rows around "
+                    "dense-delta (byte-planes, zstd); F16 grown by 2 rows around sign; F16 -> BF16 around sparse; "
+                    "a 1-D F32 tensor grown by 3 elements"),
+        ValidVector("adapted-edges", "uncommon", adapted_edges, "10.13", 3,
+                    "the cast NaN: F32 NaNs of both signs and any payload, infinities, values beyond F16's range "
+                    "and subnormals cast to F16; a BF16 NaN widened to F32; new rows after an inner record with "
+                    "no blob (lowrank of rank 0)"),
+        f("adapted-missing-base", without_base(adapted_small), Edits(), "IndexSchemaError",
+          "an adapted record without its base reference"),
+        f("adapted-same-as-base", adapted_small, edit_all(set_in(("tensors", 0, "base", "dtype"), "BF16"),
+                                                          set_in(("tensors", 0, "base", "shape"), [5, 4])),
+          "PayloadError", "an adapted record whose base reference has its dtype and shape"),
+        f("adapted-cast-integer", adapted_small, set_in(("tensors", 0, "base", "dtype"), "I32"), "PayloadError",
+          "an adapted BF16 record against an I32 base"),
+        f("adapted-fewer-rows", adapted_small, set_in(("tensors", 0, "base", "shape"), [6, 4]), "PayloadError",
+          "an adapted record of 5 rows against a base of 6"),
+        f("adapted-other-dimension", adapted_small, set_in(("tensors", 0, "base", "shape"), [3, 5]),
+          "PayloadError", "an adapted record [5, 4] against a base [3, 5]"),
+        f("adapted-nested", adapted_small, param("inner", 9), "UnknownKindError", "an adapted record with inner 9"),
+        f("adapted-inner-full", adapted_small, param("inner", 2), "UnknownKindError",
+          "an adapted record with inner 2 (full, which reads no base)"),
+        f("adapted-inner-not-int", adapted_small, param("inner", "1"), "IndexSchemaError",
+          "an adapted record whose inner is a string"),
+        f("adapted-unknown-layout", adapted_small, param("layout", 2), "UnknownKindError",
+          "an adapted record with layout 2"),
+        f("adapted-inner-params-not-map", adapted_small, param("inner_params", [1, 0]), "IndexSchemaError",
+          "an adapted record whose inner_params is an array"),
+        f("adapted-missing-inner-params", adapted_small, pop_in(("tensors", 0, "params", "inner_params")),
+          "IndexSchemaError", "an adapted record without inner_params"),
+        f("adapted-extra-param", adapted_small, param("ext", {}), "IndexSchemaError",
+          "an adapted record with a param 'ext'"),
+        f("adapted-too-few-blobs", with_blobs(adapted_small, lambda b: b[:1]), Edits(), "PayloadError",
+          "an adapted record with 1 blob where its new rows alone need 2"),
+        f("adapted-inner-blob-missing", with_blobs(adapted_small, lambda b: b[1:]), Edits(), "PayloadError",
+          "an adapted record with the new rows' 2 blobs and no blob for its dense-delta"),
+        f("adapted-new-rows-length", with_blobs(adapted_small, lambda b: b[:2] + [Blob(b[2].raw + b"\0")]),
+          Edits(), "PayloadError", "an adapted record whose last new-row plane is 1 byte too long"),
+        f("adapted-inner-transform", adapted_small, inner_param("transform", 0), "UnknownKindError",
+          "an adapted record around a dense-delta of transform 0"),
+        f("adapted-inner-groups", adapted_lowrank_small, inner_param("groups", [[0, 1, 9, 8]]), "PayloadError",
+          "an adapted record around a lowrank-mixed group of 9 bits"),
+        f("adapted-inner-length", with_blob(0, lambda raw: raw + bytes(4), adapted_lowrank_small), Edits(),
+          "PayloadError", "an adapted record whose lowrank-mixed blob is 4 bytes too long"),
+    ]
+
+
+# --- version 1.3: the rans encoding (8.2) and lowrank-rotated (10.14) ---------------------------
 
 
 def rans_blobs() -> File:
@@ -1763,13 +1929,13 @@ def rotated_small() -> File:
 
 def rotation_vectors() -> list:
     def f(name, edit, error, description, source=rotated_small):
-        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, "10.13", error,
+        return FaultyVector(name, source, Edits(index=edit) if callable(edit) else edit, "10.14", error,
                             description)
     return [
-        ValidVector("lowrank-rotated", "valid", lowrank_rotated_file, "10.13", 3,
+        ValidVector("lowrank-rotated", "valid", lowrank_rotated_file, "10.14", 3,
                     "lowrank-rotated records: both sides rotated (F16, blocks of 8 and 16), V alone (BF16, zstd), "
                     "U alone (F32)"),
-        ValidVector("lowrank-rotated-edges", "uncommon", lowrank_rotated_edges, "10.13", 3,
+        ValidVector("lowrank-rotated-edges", "uncommon", lowrank_rotated_edges, "10.14", 3,
                     "lowrank-rotated of rank 0, of odd and short lengths (blocks of 1 and 2) with seed 2^64 − 1, and "
                     "with both rotations none"),
         f("lowrank-rotated-unknown-rotation", param("v_rotation", 2), "UnknownKindError", "v_rotation 2"),
@@ -1789,7 +1955,7 @@ def rotation_vectors() -> list:
 
 
 FAMILIES = (core_vectors, rounding_vectors, edge_rule_vectors, param_rule_vectors, kind_5_8_vectors,
-            index_vectors, attachment_vectors, zstd_vectors, rans_vectors, rotation_vectors)
+            index_vectors, attachment_vectors, zstd_vectors, adapted_vectors, rans_vectors, rotation_vectors)
 
 
 # --- expected results (spec 19.2) and the manifest (19.1) -----------------------------------------
@@ -1820,6 +1986,9 @@ def tensor_expected(rec: Record) -> dict:
         out["factors"] = digest(e["factors"], e["factor_count"])
     if "tensor" in e:
         out["sha256"] = sha(np.ascontiguousarray(e["tensor"]).tobytes())
+        return out
+    if "values" in e:  # an adapted record: computed against its adapted base, new rows appended
+        out["values"], out["atol"] = e["values"].ravel().tolist(), e["atol"].ravel().tolist()
         return out
     values = as_float64(rec.base, rec.dtype) + e["delta"]
     atol = e["bound"] + ulp(np.abs(values) + e["bound"], rec.dtype)
