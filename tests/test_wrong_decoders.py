@@ -58,7 +58,7 @@ def one_rounding(mp):
     original = dcmref.rebuild
 
     def rebuild(r, payload, base_raw):
-        if not 4 <= r.kind <= 8 or r.dtype != "F16":  # kind 9 recurses into this for its inner record
+        if r.kind not in (4, 5, 6, 7, 8, 10) or r.dtype != "F16":  # kind 9 recurses into this for its inner record
             return original(r, payload, base_raw)
         exact = dcmref.to_float32(r.dtype, base_raw).astype(np.float64) + np.asarray(payload.delta(), np.float64)
         return exact.astype("<f2").tobytes()
