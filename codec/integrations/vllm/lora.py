@@ -131,8 +131,8 @@ def export_lora(path, base, out_dir, *, max_rank: int | None = None, overwrite: 
             if b.shape[1] == 0:
                 continue  # Δ̂ = 0: nothing to add
             module = rec.name[:-len(".weight")]
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.from_numpy(a.astype(np.float32))
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.from_numpy(b.astype(np.float32))
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
             ranks[module] = b.shape[1]
             report.modules.append(ModuleFactors(module, b.shape[1], error, source))
     if not ranks:
