@@ -3,9 +3,10 @@ served by the plugin's resolver, requested at once.
 
 The server runs as ``python -m vllm.entrypoints.openai.api_server`` (the CPU build's
 ``vllm serve`` CLI crashes), on 127.0.0.1, in its own process group, stopped by that
-group; vLLM finds dcm's plugin through its entry point, which registers the resolver
-(``DCM_LORA_DIR``) and the CPU LoRA fix (``DCM_VLLM_FIX_CPU_LORA=1``, with
-``max_loras`` = 2 for two adapters, so a base request would get an adapter without it).
+group; vLLM finds dcm's plugins through their entry points: the general plugin registers
+the resolver (``DCM_LORA_DIR``), and the platform plugin (``DCM_VLLM_PLATFORM=1``) puts
+dcm's LoRA backend under vLLM's multi-LoRA, which gives adapter-less tokens no LoRA term:
+``max_loras`` is 2 for two adapters, so a base request would get an adapter without it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def server(work):
     cache = work / "resolver-cache"
     port = _free_port()
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", DCM_LORA_DIR=str(folder),
-               DCM_LORA_BASE=str(base), DCM_LORA_CACHE=str(cache), DCM_VLLM_FIX_CPU_LORA="1")
+               DCM_LORA_BASE=str(base), DCM_LORA_CACHE=str(cache), DCM_VLLM_PLATFORM="1")
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--host", "127.0.0.1",
@@ -130,3 +131,15 @@ def test_server_unknown_name_is_not_found(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         _complete(url, "no-such-finetune", prompts()[0])
     assert err.value.code in (400, 404)
+
+
+def test_platform_plugin_puts_dcm_lora_backend_under_vllm():
+    """What the server above runs on: with DCM_VLLM_PLATFORM=1 vLLM picks dcm's platform (a fresh
+    process: vLLM chooses its platform once per process), whose punica wrapper is dcm's."""
+    code = ("from vllm.platforms import current_platform as p; "
+            "print(type(p).__name__, p.get_punica_wrapper())")
+    for flag, want in (("1", "DcmCpuPlatform dcm.integrations.vllm.platform.PunicaWrapperDcm"),
+                       ("0", "CpuPlatform vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DCM_VLLM_PLATFORM=flag),
+                             capture_output=True, text=True, timeout=300, check=True)
+        assert out.stdout.strip().splitlines()[-1] == want
