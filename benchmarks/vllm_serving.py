@@ -70,7 +70,7 @@ def _finetunes(args, work: Path):
 def _engine(model, args, **kw):
     from vllm import LLM
 
-    return LLM(model=str(model), dtype=args.dtype, max_model_len=512, enforce_eager=True,
+    return LLM(model=str(model), dtype=args.dtype, max_model_len=128, enforce_eager=True,
                max_num_seqs=max(args.batch, 8), seed=0, **kw)
 
 
@@ -117,10 +117,13 @@ def _packed_bytes(model) -> int:
 
 
 def _lora_slot_bytes(model) -> int:
+    import torch
+
     total = 0
     for m in model.modules():
         for name in ("lora_a_stacked", "lora_b_stacked"):
-            for t in getattr(m, name, ()) or ():
+            stacked = getattr(m, name, None)
+            for t in [stacked] if isinstance(stacked, torch.Tensor) else (stacked or ()):
                 total += t.numel() * t.element_size()
     return total
 

@@ -34,11 +34,11 @@ def packed_records(engine) -> int:
     return sum(counts)
 
 
-def serve_and_compare(work, family: str, method: str, case: str, token_prompts):
+def serve_and_compare(work, family: str, method: str, case: str, token_prompts, sharded: bool = False):
     path = encoded(work, family, "ft1", method)
-    out = work / f"{path.stem}.vllm"
+    out = work / f"{path.stem}{'-sharded' if sharded else ''}.vllm"
     if not out.exists():
-        export_vllm(path, tiny_llms.model_dir(family), out)
+        export_vllm(path, tiny_llms.model_dir(family, sharded=sharded), out)
     engine = llm(out)
     try:
         outputs = engine.generate([{"prompt_token_ids": p} for p in token_prompts], sampling())
@@ -64,6 +64,13 @@ def test_route1_tied_embeddings_and_biases(work):
     embedding (whose delta is folded once and serves both)."""
     assert tiny_llms.TIED >= {"qwen2"}
     packs = serve_and_compare(work, "qwen2", "delta-come", "route 1, qwen2 (tied, biases), delta-come", prompts())
+    assert packs == 14
+
+
+def test_route1_sharded_base(work):
+    """A base saved in shards (index + files): every shard linked, vLLM reads them through the index."""
+    packs = serve_and_compare(work, "llama", "delta-come", "route 1, llama, sharded base, delta-come", prompts(2),
+                              sharded=True)
     assert packs == 14
 
 

@@ -23,6 +23,7 @@ from dcm.decode import check_base_names
 from dcm.errors import UsageError
 
 from .deltas import PACKED_KINDS
+from .lora import why_unexpressible
 from .outdir import export_dir, link, weight_files
 
 CONFIG = "config.json"
@@ -32,7 +33,7 @@ CONFIG = "config.json"
 class VllmExport:
     path: str
     linked: list  # base weight files linked
-    packed: int  # records kept packed (linear layers' deltas, if vLLM's layers claim them)
+    packed: int  # linear layers' records of a packed kind (kept packed where a vLLM linear layer claims them)
     folded: int  # records decoded into base tensors at load
     method: str
 
@@ -80,5 +81,5 @@ def export_vllm(path, base, out_dir, *, overwrite: bool = False, backend: str = 
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    packed = sum(1 for r in records if r.kind in PACKED_KINDS and len(r.shape) == 2)
+    packed = sum(1 for r in records if r.kind in PACKED_KINDS and why_unexpressible(r) is None)
     return VllmExport(str(out_dir), linked, packed, len(records) - packed, method)
