@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = add("export", "make what a serving engine loads from a .dcm file (vLLM: a model directory or a LoRA adapter)")
-    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True, help="vllm or lora")
     for target, help_text in (("vllm", "a model directory vLLM serves as the fine-tune, its linear deltas kept "
                                        "packed (the base's weights linked, not copied)"),
                               ("lora", "a PEFT LoRA adapter for vLLM's multi-LoRA (many fine-tunes per server)")):
