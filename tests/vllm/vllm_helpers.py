@@ -57,6 +57,41 @@ def base_of(path: Path) -> Path:
     return tiny_llms.model_dir(family)
 
 
+def sharded_copy(src: Path, out: Path, parts: int = 4) -> Path:
+    """``src`` (a one-file checkpoint) saved again in ``parts`` shards with an index, as save_pretrained
+    writes a big model: the same tensors, bit for bit, with the other files copied.
+
+    (tiny_llms' own sharded base is saved after the model went through bfloat16, so its
+    tensors are not the fp32 base's.)
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map, total = {}, 0
+    for i in range(parts):
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::parts]}
+        save_file(part, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for other in src.iterdir():
+        if other.is_file() and not other.name.endswith(".safetensors"):
+            shutil.copy(other, tmp / other.name)
+    tmp.rename(out)
+    return out
+
+
 def llm(model, **kwargs):
     from vllm import LLM
 

@@ -7,8 +7,9 @@ y += x·Aᵀ·Bᵀ·scaling and scaling = lora_alpha / r made exactly 1 per modu
 
 - factor records (lowrank-mixed, lowrank, sparse-lowrank; Δ̂ = Û·diag(S)·V̂ᵀ):
   A = V̂ (k × in), B = Ûᵀ·diag(S) (out × k), the dequantized factors as they are;
-- records whose Δ̂ is not factored (BitDelta's signs, DARE's sparse Δ̂): their SVD,
-  at the numerical rank of Δ̂ (up to min(out, in): a dense delta costs a dense adapter).
+- every other lossy record (BitDelta's signs, DARE's sparse Δ̂, any additive kind whose
+  factors are not stored as they are): the SVD of its Δ̂ as ``dcm decode`` computes it, at
+  its numerical rank (up to min(out, in): a dense delta costs a dense adapter).
 
 ``max_rank`` truncates each module to its best rank-R approximation (an SVD of Δ̂,
 computed from the factors), and the relative error ‖Δ̂ − Δ̂_R‖_F / ‖Δ̂‖_F it causes is
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import dcm
+from dcm import records
 from dcm.checkpoint import Checkpoint
 from dcm.constants import Kind
 from dcm.decode import check_base_names
@@ -36,8 +38,7 @@ from .outdir import export_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)
-DENSE_LOSSY_KINDS = (Kind.SIGN, Kind.SPARSE)
+FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)  # Û, S, V̂ read as they are
 EMBEDDING_PARTS = ("embed_tokens", "embed_positions", "wte", "wpe", "lm_head", "embed_out", "word_embeddings")
 PEFT_PREFIX = "base_model.model."
 
@@ -71,7 +72,7 @@ def why_unexpressible(rec) -> str | None:
         return "bias" if leaf == "bias" else "not a linear weight (norm or other tensor)"
     if last in EMBEDDING_PARTS or any(p in module for p in ("embed", "wte", "wpe")):
         return "embedding or lm_head (no LoRA module for it in vLLM)"
-    if rec.kind not in FACTOR_KINDS + DENSE_LOSSY_KINDS:
+    if not isinstance(records.KINDS.get(rec.kind), records.AdditiveKind):
         return f"exact record ({rec.kind_name}): stored exactly, not as a low-rank delta"
     return None
 
