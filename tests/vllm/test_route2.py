@@ -21,20 +21,27 @@ from dcm.integrations.vllm import export_lora
 
 FAMILY = "llama"
 ROLES = ("ft1", "ft2")
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def family_adapters(work, family: str) -> dict:
+    """{role: (adapter dir, reference model)} and the base's reference model under None; under
+    "reports", each role's export report."""
+    out = {None: (None, hf_model(tiny_llms.model_dir(family))), "reports": {}}
+    for role in ROLES:
+        path = encoded(work, family, role, "delta-come")
+        adapter = work / f"{path.stem}.lora"
+        report = export_lora(path, tiny_llms.model_dir(family), adapter, overwrite=True)
+        carried = {m.module + ".weight" for m in report.modules}
+        assert len(carried) == 14 and all(m.error == 0 for m in report.modules)
+        out[role] = (adapter, hf_model(tiny_llms.model_dir(family), decoded(path), carried))
+        out["reports"][role] = report
+    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(work):
-    """{role: (adapter dir, reference model)} and the base's reference model under None."""
-    out = {None: (None, hf_model(tiny_llms.model_dir(FAMILY)))}
-    for role in ROLES:
-        path = encoded(work, FAMILY, role, "delta-come")
-        adapter = work / f"{path.stem}.lora"
-        report = export_lora(path, tiny_llms.model_dir(FAMILY), adapter, overwrite=True)
-        carried = {m.module + ".weight" for m in report.modules}
-        assert len(carried) == 14 and all(m.error == 0 for m in report.modules)
-        out[role] = (adapter, hf_model(tiny_llms.model_dir(FAMILY), decoded(path), carried))
-    return out
+    return family_adapters(work, FAMILY)
 
 
 def mixed_batch(engine, adapters):
@@ -83,3 +90,22 @@ def test_mixed_batch_base_and_two_finetunes(adapters, setup):
     for role in (None, *ROLES):
         compare(f"route 2, {role or 'base'}, mixed batch, {setup}", adapters[role][1], *got[role])
     assert TOLERANCE == 1e-4
+
+
+def test_mixed_batch_tied_embeddings_and_biases(work):
+    """Qwen2 (q/k/v biases, lm_head tied to the embedding), base + two fine-tunes in one batch: the
+    adapters carry the linear deltas, and the export lists the biases, norms and the tied
+    embedding as what LoRA cannot express (the reference keeps the base's there)."""
+    assert tiny_llms.TIED >= {"qwen2"}
+    refs = family_adapters(work, "qwen2")
+    for report in refs["reports"].values():
+        reasons = {why for _, why in report.unexpressible}
+        assert "bias" in reasons and any(why.startswith("embedding") for why in reasons)
+    rank = next(r for r in LORA_RANKS if r >= max(r.max_rank for r in refs["reports"].values()))
+    engine = llm(tiny_llms.model_dir("qwen2"), enable_lora=True, max_loras=3, max_lora_rank=rank)
+    try:
+        got = mixed_batch(engine, refs)
+    finally:
+        close(engine)
+    for role in (None, *ROLES):
+        compare(f"route 2, qwen2 (tied, biases), {role or 'base'}, mixed batch", refs[role][1], *got[role])
