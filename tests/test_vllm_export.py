@@ -24,8 +24,8 @@ torch = pytest.importorskip("torch")
 from dcm.integrations.vllm import export_lora, export_vllm  # noqa: E402
 from dcm.integrations.vllm.deltas import RECORD, ModelDeltas, from_storage, weight_names  # noqa: E402
 from dcm.integrations.vllm.lora import truncate  # noqa: E402
-from dcm.integrations.vllm.sharding import ShardPlan, apply_planned, column_rows, row_cols  # noqa: E402
-from dcm.runtime import packed, torch_backend  # noqa: E402
+from dcm.integrations.vllm.sharding import ShardPlan, apply_planned, column_rows, kernel_for, row_cols  # noqa: E402
+from dcm.runtime import packed  # noqa: E402
 from dcm.runtime.layer import LayerPack, Segments  # noqa: E402
 
 from conftest import read_checkpoint, write_checkpoint  # noqa: E402
@@ -234,6 +234,14 @@ def test_weight_names_of_fused_layers():
 # --- tensor parallelism: each rank's share ------------------------------------------------------
 
 
+KERNEL = kernel_for("auto", torch.device("cpu"))  # what route 1 computes with on a CPU
+
+
+def test_kernel_for_refuses_unknown_backends():
+    with pytest.raises(UsageError, match="backend"):
+        kernel_for("cuda-graphs", torch.device("cpu"))
+
+
 def _pack(tmp_path, pair, name="model.layers.0.mlp.up_proj.weight"):
     path = _encoded(tmp_path, pair, "delta-come")
     with dcm.open(path) as f:
@@ -250,7 +258,7 @@ def test_column_parallel_shares_concatenate_to_the_delta(tmp_path, pair, tp):
     for rank in range(tp):
         rows = column_rows(m, rank, tp)
         y = torch.zeros(3, 5 + m // tp)  # the record feeds columns 5.. of the rank's output
-        apply_planned(torch_backend.apply, pack, ShardPlan(5, rows, None), x, y, Segments.single(3, "cpu"))
+        apply_planned(KERNEL, pack, ShardPlan(5, rows, None), x, y, Segments.single(3, "cpu"))
         assert not y[:, :5].any()
         parts.append(y[:, 5:])
     assert np.allclose(torch.cat(parts, 1).double().numpy(), x.double().numpy() @ delta.T, atol=1e-5)
@@ -265,7 +273,7 @@ def test_row_parallel_shares_sum_to_the_delta(tmp_path, pair, tp):
     for rank in range(tp):
         cols = row_cols(n, rank, tp)
         y = torch.zeros(3, m)
-        apply_planned(torch_backend.apply, pack, ShardPlan(0, None, cols), x[:, cols], y, Segments.single(3, "cpu"))
+        apply_planned(KERNEL, pack, ShardPlan(0, None, cols), x[:, cols], y, Segments.single(3, "cpu"))
         total += y  # the layer's all-reduce
     assert np.allclose(total.double().numpy(), x.double().numpy() @ delta.T, atol=1e-5)
 

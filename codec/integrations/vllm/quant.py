@@ -35,27 +35,9 @@ from dcm.runtime import packed
 from dcm.runtime.layer import LayerPack, Segments
 
 from .deltas import RECORD, ModelDeltas
-from .sharding import ShardPlan, column_rows, row_cols
+from .sharding import BACKENDS, ShardPlan, column_rows, kernel_for, row_cols
 
 QUANT_METHOD = "dcm"
-BACKENDS = ("auto", "torch", "triton")
-
-
-def kernel_for(backend: str, device: torch.device):
-    """dcm's y += x·Δ̂ᵀ for one layer: Triton on CUDA, the torch backend elsewhere ("auto")."""
-    if backend not in BACKENDS:
-        raise UsageError(f"dcm backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU")
-        from dcm.runtime import triton_backend
-
-        return triton_backend.apply
-    from dcm.runtime import torch_backend
-
-    return torch_backend.apply
 
 
 # --- the layouts of vLLM's linear layers, per shard --------------------------------------------

@@ -20,13 +20,21 @@ expand) on every rank: TP-fold redundant delta work, correct by construction.  A
 kernel taking the output range would remove it; the plan's ``rows`` are what it needs.
 Rows and columns are index tensors (None: all), so that vLLM's layouts (GQA heads
 replicated over ranks, a fused checkpoint tensor split in three) are all one case.
+
+``kernel_for`` picks the kernel (the runtime's Triton or torch backend); nothing here
+imports vLLM, so the main suite checks the shares without it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from dcm.errors import UsageError
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -81,3 +89,20 @@ def apply_planned(kernel, pack, plan: ShardPlan, x: torch.Tensor, y: torch.Tenso
     full = torch.zeros((x.shape[0], m), dtype=torch.float32, device=y.device)
     kernel(pack, x, segments, full)
     out += full[:, plan.rows.to(y.device)].to(out.dtype)
+
+
+def kernel_for(backend: str, device: torch.device):
+    """dcm's y += x·Δ̂ᵀ for one layer: Triton on CUDA, the torch backend elsewhere ("auto")."""
+    if backend not in BACKENDS:
+        raise UsageError(f"dcm backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU")
+        from dcm.runtime import triton_backend
+
+        return triton_backend.apply
+    from dcm.runtime import torch_backend
+
+    return torch_backend.apply
