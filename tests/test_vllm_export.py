@@ -285,3 +285,12 @@ def test_replicated_kv_heads_share_rows():
     assert column_rows(8, 0, 1) is None and row_cols(8, 0, 1) is None
     with pytest.raises(ValueError):
         column_rows(6, 0, 4)
+
+
+def test_route1_refuses_a_finetune_that_removes_tensors(tmp_path, pair):
+    ft = {n: v for n, v in pair[3].items() if n != "model.norm.weight"}
+    removed = write_checkpoint(tmp_path / "ft-removed", ft, attachments={"config.json": json.dumps(CONFIG).encode()})
+    path = tmp_path / "removed.dcm"
+    dcm.encode(pair[0], removed, path, method="delta-come", ratio="1/4", allow_uncoded=True)
+    with pytest.raises(UsageError, match="removes base tensors.*model.norm.weight"):
+        ModelDeltas(path)
