@@ -11,6 +11,7 @@ dcm's LoRA backend under vLLM's multi-LoRA, which gives adapter-less tokens no L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import pytest
 import tiny_llms
 from vllm_helpers import NEW_TOKENS, TOP_K, compare, decoded, encoded, hf_model, prompts
 
-from dcm.integrations.vllm import export_lora
+from dcm.integrations.vllm import export_lora, export_vllm
 
 FAMILY = "llama"
 START_TIMEOUT = 240
@@ -45,33 +46,26 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def server(work):
-    base = tiny_llms.model_dir(FAMILY)
-    ft1 = encoded(work, FAMILY, "ft1", "delta-come")
-    adapter1 = work / "server-ft1.lora"
-    export_lora(ft1, base, adapter1, overwrite=True)
-    folder = work / "served-dcm"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(encoded(work, FAMILY, "ft2", "delta-come"), folder / "ft2.dcm")
-    cache = work / "resolver-cache"
+@contextlib.contextmanager
+def running_server(work, name: str, args: list[str], env: dict):
+    """``python -m vllm.entrypoints.openai.api_server ARGS`` on 127.0.0.1, in its own process group;
+    yields its URL once /health answers; stops the group."""
     port = _free_port()
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", DCM_LORA_DIR=str(folder),
-               DCM_LORA_BASE=str(base), DCM_LORA_CACHE=str(cache), DCM_VLLM_PLATFORM="1")
-    log = open(work / "server.log", "wb")
+    log_path = work / f"{name}.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--host", "127.0.0.1",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0",
-         "--max-num-seqs", "16", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "32",
-         "--lora-modules", f"ft1={adapter1}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+         "--max-num-seqs", "16"],
+        env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}: "
-                                   f"{(work / 'server.log').read_text(errors='replace')[-3000:]}")
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5):
                     break
@@ -79,7 +73,7 @@ def server(work):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start in {START_TIMEOUT} s") from None
                 time.sleep(1)
-        yield url, cache
+        yield url
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -90,6 +84,24 @@ def server(work):
         except ProcessLookupError:
             pass
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    base = tiny_llms.model_dir(FAMILY)
+    ft1 = encoded(work, FAMILY, "ft1", "delta-come")
+    adapter1 = work / "server-ft1.lora"
+    export_lora(ft1, base, adapter1, overwrite=True)
+    folder = work / "served-dcm"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(encoded(work, FAMILY, "ft2", "delta-come"), folder / "ft2.dcm")
+    cache = work / "resolver-cache"
+    env = dict(VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", DCM_LORA_DIR=str(folder), DCM_LORA_BASE=str(base),
+               DCM_LORA_CACHE=str(cache), DCM_VLLM_PLATFORM="1")
+    args = ["--model", str(base), "--enable-lora", "--max-loras", "2", "--max-lora-rank", "32",
+            "--lora-modules", f"ft1={adapter1}"]
+    with running_server(work, "server-route2", args, env) as url:
+        yield url, cache
 
 
 def _complete(url: str, model: str, prompt: list[int]):
@@ -143,3 +155,20 @@ def test_platform_plugin_puts_dcm_lora_backend_under_vllm():
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DCM_VLLM_PLATFORM=flag),
                              capture_output=True, text=True, timeout=300, check=True)
         assert out.stdout.strip().splitlines()[-1] == want
+
+
+def test_server_route1_multiprocess(work):
+    """Route 1 as `vllm serve DIR` runs it: the exported directory, the engine core in a process
+    of its own (vLLM's default: the quantization config travels to it pickled and reopens the
+    .dcm there), one fine-tune; requests at once."""
+    path = encoded(work, FAMILY, "ft1", "delta-come")
+    served = work / "server-route1.vllm"
+    if not served.exists():
+        export_vllm(path, tiny_llms.model_dir(FAMILY), served)
+    token_prompts = prompts()
+    with running_server(work, "server-route1", ["--model", str(served)],
+                        dict(VLLM_ENABLE_V1_MULTIPROCESSING="1")) as url:
+        with ThreadPoolExecutor(len(token_prompts)) as pool:
+            results = list(pool.map(lambda p: _complete(url, str(served), p), token_prompts))
+    compare("server, route 1 (dcm export vllm), multiprocess engine", hf_model(decoded(path)), token_prompts,
+            results)
