@@ -179,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, metavar="BASE",
                    help="also check the base and decode every tensor against it")
     p.set_defaults(func=cmd_verify)
+
+    p = add("export", "make what a serving engine loads from a .dcm file (vLLM: a model directory or a LoRA adapter)")
+    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True, help="vllm or lora")
+    for target, help_text in (("vllm", "a model directory vLLM serves as the fine-tune, its linear deltas kept "
+                                       "packed (the base's weights linked, not copied)"),
+                              ("lora", "a PEFT LoRA adapter for vLLM's multi-LoRA (many fine-tunes per server)")):
+        t = targets.add_parser(target, parents=[common], help=help_text, description=help_text)
+        t.add_argument("input", metavar="IN.dcm", help="the .dcm file")
+        t.add_argument("--base", required=True, metavar="BASE", help="the base model directory")
+        t.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="the directory to write")
+        t.add_argument("--overwrite", action="store_true",
+                       help="replace OUTDIR if it exists and dcm wrote it, never anything else")
+        if target == "lora":
+            t.add_argument("--max-rank", type=int, default=None, metavar="R",
+                           help="truncate every module to rank R (vLLM's --max-lora-rank); prints the error it causes")
+        else:
+            t.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                           help="dcm kernels in vLLM: Triton on CUDA and torch elsewhere (auto), or one of them")
+        parser.subcommands[f"export {target}"] = t
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -331,6 +351,12 @@ def cmd_verify(args) -> int:
     report = verify(args.input, base=args.base, progress=_progress(args))
     _say(args, f"OK {sanitize(report.path)}: {report.summary()}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .integrations.vllm import commands
+
+    return commands.run(args, _say, _warn)
 
 
 # --- entry point -----------------------------------------------------------------

