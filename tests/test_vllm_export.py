@@ -65,6 +65,8 @@ def pair(tmp_path):
 
 def _encoded(tmp_path, pair, method, **kw):
     out = tmp_path / f"{method}.dcm"
+    if method == "delta-come-rotated":  # format 1.3: lowrank-rotated records
+        method, kw["options"] = "delta-come", {"rotation": "hadamard"}
     kw.setdefault("ratio", RATIO.get(method))
     dcm.encode(pair[0], pair[1], out, method=method, allow_uncoded=True, **kw)
     return out
@@ -73,7 +75,7 @@ def _encoded(tmp_path, pair, method, **kw):
 # --- export lora ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["delta-come", "lowrank", "impart", "bitdelta", "dare"])
+@pytest.mark.parametrize("method", ["delta-come", "delta-come-rotated", "lowrank", "impart", "bitdelta", "dare"])
 def test_lora_carries_each_linear_delta_exactly(tmp_path, pair, method):
     from safetensors.numpy import load_file
 
@@ -86,7 +88,7 @@ def test_lora_carries_each_linear_delta_exactly(tmp_path, pair, method):
     ft_hat = read_checkpoint(decoded)
     with dcm.open(path) as f:
         coded = {r.name for r in f.records() if r.kind_name in ("lowrank-mixed", "lowrank", "sparse-lowrank",
-                                                                  "sign", "sparse")}
+                                                                  "sign", "sparse", "lowrank-rotated")}
         linear = {n for n in coded if n.endswith("_proj.weight") and f.stored_delta(n).any()}  # Δ̂ = 0: no module
     assert {m.module + ".weight" for m in report.modules} == linear
     for m in report.modules:
@@ -103,6 +105,75 @@ def test_lora_carries_each_linear_delta_exactly(tmp_path, pair, method):
                                   "model.embed_tokens.weight", "lm_head.weight"}
     assert "bias" in unexpressible["model.layers.0.self_attn.q_proj.bias"]
     assert not set(unexpressible) & linear
+
+
+def _bf16(array):
+    """float32 -> bf16 bit patterns (round to nearest even), as a fine-tune saved in bf16 holds them."""
+    bits = array.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _adapted_pair(tmp_path, pair, grow: int):
+    """The pair's fine-tune saved in BF16 (of the F32 base), its vocabulary grown by ``grow`` rows."""
+    rng = np.random.default_rng(3)
+    ft = {}
+    for name, (_, w) in pair[3].items():
+        if grow and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = np.concatenate([w, rng.standard_normal((grow, w.shape[1])).astype(np.float32)])
+        ft[name] = ("BF16", _bf16(w))
+    attachments = {"config.json": json.dumps(CONFIG).encode()}
+    return write_checkpoint(tmp_path / f"ft-bf16-{grow}", ft, attachments=attachments), ft
+
+
+def test_lora_of_a_finetune_saved_in_another_dtype(tmp_path, pair):
+    """adapted records (a BF16 fine-tune of an F32 base) carry their inner record's delta into the adapter."""
+    from safetensors.numpy import load_file
+
+    ft_dir, _ = _adapted_pair(tmp_path, pair, grow=0)
+    path = tmp_path / "cast.dcm"
+    dcm.encode(pair[0], ft_dir, path, method="delta-come", ratio="1/4", allow_uncoded=True)
+    with dcm.open(path) as f:
+        kinds = {r.name: r.kind_name for r in f.records()}
+        linear = {n for n, k in kinds.items() if n.endswith("_proj.weight") and k == "adapted"}
+        want = {n: f.stored_delta(n).astype(np.float64) for n in linear}
+    assert linear, kinds
+    report = export_lora(path, pair[0], tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {m.module + ".weight" for m in report.modules} == {n for n in linear if want[n].any()}
+    for m in report.modules:
+        a = tensors[f"base_model.model.{m.module}.lora_A.weight"].astype(np.float64)
+        b = tensors[f"base_model.model.{m.module}.lora_B.weight"].astype(np.float64)
+        d = want[m.module + ".weight"]
+        assert np.abs(b @ a - d).max() <= 2e-6 * max(np.abs(d).max(), 1.0), m.module
+
+
+def test_lora_refuses_a_grown_vocabulary(tmp_path, pair):
+    """An adapter on the base cannot add tokens: a resized vocabulary is refused, naming a tensor."""
+    ft_dir, _ = _adapted_pair(tmp_path, pair, grow=3)
+    path = tmp_path / "grown.dcm"
+    dcm.encode(pair[0], ft_dir, path, method="delta-come", ratio="1/4", allow_uncoded=True)
+    with pytest.raises(UsageError, match=rf"has {VOCAB + 3} rows against the base's {VOCAB}.*dcm export vllm"):
+        export_lora(path, pair[0], tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_fold_decodes_adapted_records(tmp_path, pair):
+    """Route 1 decodes an adapted record (cast, and grown rows) into the tensor vLLM loads, as dcm decode."""
+    ft_dir, _ = _adapted_pair(tmp_path, pair, grow=3)
+    path = tmp_path / "grown.dcm"
+    dcm.encode(pair[0], ft_dir, path, method="delta-come", ratio="1/4", allow_uncoded=True)
+    decoded = tmp_path / "decoded"
+    dcm.decode(path, pair[0], decoded)
+    want = read_checkpoint(decoded)
+    deltas = ModelDeltas(path)
+    out = dict(deltas.fold(_stream(pair[2])))
+    for name, tensor in out.items():
+        dt, array = want[name]
+        assert tuple(tensor.shape) == array.shape, name
+        assert np.array_equal(tensor.view(torch.int16).numpy().view(np.uint16) if dt == "BF16" else tensor.numpy(),
+                              array), name
+    deltas.check_complete()
+    deltas.close()
 
 
 def test_lora_max_rank_truncates_with_the_error_of_an_svd(tmp_path, pair):
@@ -242,16 +313,19 @@ def test_kernel_for_refuses_unknown_backends():
         kernel_for("cuda-graphs", torch.device("cpu"))
 
 
-def _pack(tmp_path, pair, name="model.layers.0.mlp.up_proj.weight"):
-    path = _encoded(tmp_path, pair, "delta-come")
+def _pack(tmp_path, pair, name="model.layers.0.mlp.up_proj.weight", method="delta-come"):
+    path = _encoded(tmp_path, pair, method)
     with dcm.open(path) as f:
+        if method == "delta-come-rotated":
+            assert f.record(name).kind_name == "lowrank-rotated"
         rec = packed.load_record(f, name)
         return LayerPack(rec.shape, [rec]), f.stored_delta(name).astype(np.float64)
 
 
+@pytest.mark.parametrize("method", ["delta-come", "delta-come-rotated"])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_column_parallel_shares_concatenate_to_the_delta(tmp_path, pair, tp):
-    pack, delta = _pack(tmp_path, pair)
+def test_column_parallel_shares_concatenate_to_the_delta(tmp_path, pair, tp, method):
+    pack, delta = _pack(tmp_path, pair, method=method)
     m, n = pack.shape
     x = torch.randn(3, n)
     parts = []
@@ -264,9 +338,10 @@ def test_column_parallel_shares_concatenate_to_the_delta(tmp_path, pair, tp):
     assert np.allclose(torch.cat(parts, 1).double().numpy(), x.double().numpy() @ delta.T, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["delta-come", "delta-come-rotated"])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_row_parallel_shares_sum_to_the_delta(tmp_path, pair, tp):
-    pack, delta = _pack(tmp_path, pair, "model.layers.0.mlp.down_proj.weight")
+def test_row_parallel_shares_sum_to_the_delta(tmp_path, pair, tp, method):
+    pack, delta = _pack(tmp_path, pair, "model.layers.0.mlp.down_proj.weight", method=method)
     m, n = pack.shape
     x = torch.randn(3, n)
     total = torch.zeros(3, m)

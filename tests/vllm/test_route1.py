@@ -35,8 +35,9 @@ def packed_records(engine) -> int:
     return sum(counts)
 
 
-def serve_and_compare(work, family: str, method: str, case: str, token_prompts, base=None, tag: str = ""):
-    path = encoded(work, family, "ft1", method)
+def serve_and_compare(work, family: str, method: str, case: str, token_prompts, base=None, tag: str = "",
+                      **options):
+    path = encoded(work, family, "ft1", method, **options)
     out = work / f"{path.stem}{tag}.vllm"
     if not out.exists():
         export_vllm(path, base or tiny_llms.model_dir(family), out)
@@ -88,3 +89,16 @@ def test_export_dir_links_base(work):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "dcm"
     assert config["quantization_config"]["dcm_file"] == path.name
+
+
+def test_route1_rotated_records(work):
+    """delta-come with rotation (format 1.3, lowrank-rotated records): served packed, the
+    activations rotated around dcm's kernels."""
+    import dcm
+
+    path = encoded(work, "llama", "ft1", "delta-come", rotation="hadamard")
+    with dcm.open(path) as f:
+        assert sum(r.kind_name == "lowrank-rotated" for r in f.records()) > 0
+    packs = serve_and_compare(work, "llama", "delta-come", "route 1, llama, delta-come rotated", prompts(),
+                              tag="-rotated", rotation="hadamard")
+    assert packs == 14

@@ -5,7 +5,7 @@ model's weight loaders.  Every record of the file is handled in one of two ways:
 
 - **kept packed**: the weight of a linear layer that the ``dcm`` quantization method
   serves, coded by a kind the runtime computes from its packed bytes (lowrank-mixed,
-  sparse-lowrank, sign, lowrank).  The layer *claims* it when it is built; at load the
+  sparse-lowrank, sign, lowrank, lowrank-rotated).  The layer *claims* it when it is built; at load the
   base tensor goes to vLLM unchanged, tagged with the record's name, and the layer's
   weight loader attaches the packed record (with the fused layer's ``shard_id``);
 - **folded**: everything else (norms, biases, embeddings, an lm_head, exact records,
@@ -31,7 +31,7 @@ from dcm.constants import Kind
 from dcm.errors import UsageError
 from dcm.reader import check_base_tensor
 
-PACKED_KINDS = (Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK)
+PACKED_KINDS = (Kind.LOWRANK_MIXED, Kind.SPARSE_LOWRANK, Kind.SIGN, Kind.LOWRANK, Kind.LOWRANK_ROTATED)
 _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 SEEN = "_dcm_seen"  # attribute on a streamed tensor: already folded or tagged (nested loaders)
 RECORD = "_dcm_record"  # attribute on a streamed base tensor: the packed record it carries

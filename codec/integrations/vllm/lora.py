@@ -5,7 +5,7 @@ A .dcm record of a linear layer's weight becomes that module's LoRA pair, with
 y += x·Aᵀ·Bᵀ·scaling and scaling = lora_alpha / r made exactly 1 per module
 (``rank_pattern`` and ``alpha_pattern`` give every module r = alpha = its own rank):
 
-- factor records (lowrank-mixed, lowrank, sparse-lowrank; Δ̂ = Û·diag(S)·V̂ᵀ):
+- factor records (lowrank-mixed, lowrank, sparse-lowrank, lowrank-rotated; Δ̂ = Û·diag(S)·V̂ᵀ):
   A = V̂ (k × in), B = Ûᵀ·diag(S) (out × k), the dequantized factors as they are;
 - every other lossy record (BitDelta's signs, DARE's sparse Δ̂, any additive kind whose
   factors are not stored as they are): the SVD of its Δ̂ as ``dcm decode`` computes it, at
@@ -38,7 +38,8 @@ from .outdir import export_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK)  # Û, S, V̂ read as they are
+# Û, S, V̂ read from the packed record (a rotated record's vectors rotated back by the runtime)
+FACTOR_KINDS = (Kind.LOWRANK_MIXED, Kind.LOWRANK, Kind.SPARSE_LOWRANK, Kind.LOWRANK_ROTATED)
 EMBEDDING_PARTS = ("embed_tokens", "embed_positions", "wte", "wpe", "lm_head", "embed_out", "word_embeddings")
 PEFT_PREFIX = "base_model.model."
 
@@ -72,14 +73,29 @@ def why_unexpressible(rec) -> str | None:
         return "bias" if leaf == "bias" else "not a linear weight (norm or other tensor)"
     if last in EMBEDDING_PARTS or any(p in module for p in ("embed", "wte", "wpe")):
         return "embedding or lm_head (no LoRA module for it in vLLM)"
-    if not isinstance(records.KINDS.get(rec.kind), records.AdditiveKind):
-        return f"exact record ({rec.kind_name}): stored exactly, not as a low-rank delta"
+    kind = rec.kind
+    if kind == Kind.ADAPTED:  # a fine-tune saved in another dtype: its inner record holds the delta
+        kind = rec.params["inner"]
+    if not isinstance(records.KINDS.get(kind), records.AdditiveKind):
+        return f"exact record ({records.KIND_NAMES.get(kind, kind)}): stored exactly, not as a low-rank delta"
     return None
+
+
+def _check_no_growth(f, path) -> None:
+    """Refuse a fine-tune whose tensors grew (a resized vocabulary): an adapter on the base keeps the
+    base's vocabulary, so the new tokens' rows would be lost without a word."""
+    grown = [r for r in f.records() if r.kind == Kind.ADAPTED and tuple(r.shape) != tuple(r.base["shape"])]
+    if grown:
+        r = grown[0]
+        raise UsageError(f"{path}: tensor {r.name!r} has {r.shape[0]} rows against the base's "
+                         f"{r.base['shape'][0]} (a vocabulary grown in fine-tuning; {len(grown)} such "
+                         f"tensor(s)): a LoRA adapter cannot add them to the base; serve it with `dcm export vllm`")
 
 
 def _factors(f, rec):
     """(B (out × k), A (k × in)) float64 with B·A = Δ̂ of a record LoRA can carry."""
-    if rec.kind in FACTOR_KINDS:
+    kind = f.inner_record(rec.name).kind if rec.kind == Kind.ADAPTED else rec.kind
+    if kind in FACTOR_KINDS:
         from dcm.runtime import packed, torch_backend
         from dcm.runtime.layer import LayerPack
 
@@ -119,6 +135,7 @@ def export_lora(path, base, out_dir, *, max_rank: int | None = None, overwrite: 
     with dcm.open(path) as f:
         with Checkpoint(base) as ckpt:
             check_base_names(f, ckpt)
+        _check_no_growth(f, path)
         for rec in f.records():
             why = why_unexpressible(rec)
             if why is not None:

@@ -53,7 +53,7 @@ def export_vllm(path, base, out_dir, *, overwrite: bool = False, backend: str = 
         check_base_names(f, ckpt)  # names, dtypes, shapes; the hashes are checked as vLLM loads
         attachments = {name: f.attachment(name) for name in f.attachments()}
         base_side = {rel: ckpt.read_attachment(rel) for rel in ckpt.attachments() if rel not in attachments}
-        records = [r for r in f.records()]
+        records = list(f.records())
         method = f.metadata()["method"]
     config_bytes = attachments.get(CONFIG, base_side.get(CONFIG))
     if config_bytes is None:

@@ -27,6 +27,7 @@ imports vLLM, so the main suite checks the shares without it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -92,7 +93,10 @@ def apply_planned(kernel, pack, plan: ShardPlan, x: torch.Tensor, y: torch.Tenso
 
 
 def kernel_for(backend: str, device: torch.device):
-    """dcm's y += x·Δ̂ᵀ for one layer: Triton on CUDA, the torch backend elsewhere ("auto")."""
+    """dcm's y += x·Δ̂ᵀ for one layer: Triton on CUDA, the torch backend elsewhere ("auto"); the
+    runtime's rotation wrapper around it serves lowrank-rotated records (activations rotated,
+    the stored bytes as they are).  A row-parallel share is computed on a zero-padded
+    full-width input (``apply_planned``), so the rotation sees the layer's whole input."""
     if backend not in BACKENDS:
         raise UsageError(f"dcm backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -100,9 +104,9 @@ def kernel_for(backend: str, device: torch.device):
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU")
-        from dcm.runtime import triton_backend
+        from dcm.runtime import triton_backend as backend_module
+    else:
+        from dcm.runtime import torch_backend as backend_module
+    from dcm.runtime import rotation
 
-        return triton_backend.apply
-    from dcm.runtime import torch_backend
-
-    return torch_backend.apply
+    return functools.partial(rotation.apply, backend_module.apply)
