@@ -45,7 +45,7 @@ def _load():
             continue
         lib.rans_compress_to_4x16.restype = ctypes.c_void_p
         # Inputs go by address (c_void_p): the caller's buffer as it is, never a copy of it.
-        lib.rans_compress_to_4x16.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_char_p,
+        lib.rans_compress_to_4x16.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p,
                                               ctypes.POINTER(ctypes.c_uint), ctypes.c_int]
         lib.rans_compress_bound_4x16.restype = ctypes.c_uint
         lib.rans_compress_bound_4x16.argtypes = [ctypes.c_uint, ctypes.c_int]
@@ -68,16 +68,17 @@ def compress(raw) -> bytes | None:
     """The rans stream of ``raw`` (bytes-like), or None when the native coder is missing or
     ``raw`` is empty or too long for it."""
     # No copy of the input, one of the output: a worker encoding a tensor's byte planes holds
-    # the raw plane, the library's buffer and the stream, not three copies of the plane.
+    # the raw plane, the library's buffer (its bound: a little over the plane's size; numpy's is
+    # not zero-filled first) and the stream, not three copies of the plane.
     src = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
     if _LIB is None or not 0 < src.size <= MAX_RAW:
         return None
     cap = _LIB.rans_compress_bound_4x16(src.size, FLAGS)
-    out = ctypes.create_string_buffer(cap)
+    out = np.empty(cap, dtype=np.uint8)
     size = ctypes.c_uint(cap)
-    if not _LIB.rans_compress_to_4x16(src.ctypes.data, src.size, out, ctypes.byref(size), FLAGS):
+    if not _LIB.rans_compress_to_4x16(src.ctypes.data, src.size, out.ctypes.data, ctypes.byref(size), FLAGS):
         return None
-    stored = ctypes.string_at(out, min(size.value, cap))
+    stored = out[:min(size.value, cap)].tobytes()
     del out
     # The library may fall back to 4 states on short inputs (flags 0x00), and stores data it
     # cannot shrink as is (flag 0x20): that is the raw encoding's job.
@@ -195,7 +196,7 @@ def decode(stored, raw_length: int, where: str, exact: bool = False) -> bytes:
             or size.value != raw_length:
         raise PayloadError(f"{where}: rans stream does not decode")
     del target  # releases the export, so ``out`` may be resized or freed by its owner
-    if exact and compress(out) != bytes(stored):
+    if exact and compress(out) != memoryview(stored).cast("B"):  # compared in place: no copy of the stream
         return decode_exact(stored, raw_length, head, where)
     return out
 

@@ -16,6 +16,7 @@ import tiny_llms
 from vllm_helpers import (close, compare, completions, decoded, encoded, hf_model, llm, prompts, sampling,
                           sharded_copy)
 
+import dcm
 from dcm.integrations.vllm import export_vllm
 
 # Every lossy method; the kinds its linear records get, and whether the engine keeps them packed.
@@ -51,12 +52,22 @@ def serve_and_compare(work, family: str, method: str, case: str, token_prompts, 
     return packs
 
 
+def nonzero_projections(path) -> int:
+    """Projection records of a file whose Δ̂ is not 0 (a method may give a matrix no vector at all:
+    such a record has nothing to compute and is not packed)."""
+    with dcm.open(path) as f:
+        return sum(1 for r in f.records() if r.name.endswith("_proj.weight") and f.stored_delta(r.name).any())
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_route1_matches_decoded(work, method):
     packs = serve_and_compare(work, "llama", method, f"route 1, llama, {method}", prompts())
     if METHODS[method]:
-        # 2 layers x 7 projections (q, k, v as three records of the fused qkv_proj; gate, up)
-        assert packs == 14, f"{method}: {packs} packed deltas in the engine, expected every projection's"
+        # 2 layers x 7 projections (q, k, v as three records of the fused qkv_proj; gate, up), but those
+        # a method gave no vector
+        want = nonzero_projections(encoded(work, "llama", "ft1", method))
+        assert want >= 12, f"{method}: only {want} of 14 projections carry a delta"
+        assert packs == want, f"{method}: {packs} packed deltas in the engine, expected every projection's ({want})"
     else:
         assert packs == 0
 
