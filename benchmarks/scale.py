@@ -36,8 +36,7 @@ asks for; an exact SVD where the sketch would be too large).  They assume the
 per-tensor work dominates and the jobs pack the workers; read them as
 estimates, not measurements.
 
-    python benchmarks/scale.py --layers 1                  # lossless + recipe/randomized (~10 min on 2 cores)
-    python benchmarks/scale.py --layers 1 --configs lossless   # CI
+    python benchmarks/scale.py --layers 1                  # CI: lossless + recipe/randomized (~10 min on 2 cores)
     python benchmarks/scale.py --layers 2 --configs all --workers 2
     python benchmarks/scale.py --layers 32 --configs recipe-randomized --workers 2 \\
         --workdir /var/tmp/dcm-scale --keep                # the full 7B (45 GB of disk, hours)
