@@ -73,12 +73,16 @@ def why_unexpressible(rec) -> str | None:
         return "bias" if leaf == "bias" else "not a linear weight (norm or other tensor)"
     if last in EMBEDDING_PARTS or any(p in module for p in ("embed", "wte", "wpe")):
         return "embedding or lm_head (no LoRA module for it in vLLM)"
-    kind = rec.kind
-    if kind == Kind.ADAPTED:  # a fine-tune saved in another dtype: its inner record holds the delta
-        kind = rec.params["inner"]
+    kind = _coded_kind(rec)
     if not isinstance(records.KINDS.get(kind), records.AdditiveKind):
         return f"exact record ({records.KIND_NAMES.get(kind, kind)}): stored exactly, not as a low-rank delta"
     return None
+
+
+def _coded_kind(rec) -> int:
+    """The kind that holds a record's delta: an adapted record's (a fine-tune saved in another dtype)
+    inner kind, else its own."""
+    return rec.params["inner"] if rec.kind == Kind.ADAPTED else rec.kind
 
 
 def _check_no_growth(f, path) -> None:
@@ -94,8 +98,7 @@ def _check_no_growth(f, path) -> None:
 
 def _factors(f, rec):
     """(B (out × k), A (k × in)) float64 with B·A = Δ̂ of a record LoRA can carry."""
-    kind = f.inner_record(rec.name).kind if rec.kind == Kind.ADAPTED else rec.kind
-    if kind in FACTOR_KINDS:
+    if _coded_kind(rec) in FACTOR_KINDS:
         from dcm.runtime import packed, torch_backend
         from dcm.runtime.layer import LayerPack
 
