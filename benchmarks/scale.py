@@ -73,8 +73,8 @@ LLAMA_70B = {"layers": 80, "hidden": 8192, "ffn": 28672, "vocab": 32000, "kv": 1
 
 CONFIGS = {
     "lossless": {"method": "lossless"},
-    "recipe-exact": {"method": "delta-come", "ratio": "1/16", "options": {"svd": "exact"}},
-    "recipe-randomized": {"method": "delta-come", "ratio": "1/16", "options": {"svd": "randomized"}},
+    "recipe-exact": {"method": "delta-come", "ratio": "1/16", "options": {"alloc": "recipe", "svd": "exact"}},
+    "recipe-randomized": {"method": "delta-come", "ratio": "1/16", "options": {"alloc": "recipe", "svd": "randomized"}},
     "rd-exact": {"method": "delta-come", "ratio": "1/16", "options": {"alloc": "rd", "svd": "exact"}},
     "rd-randomized": {"method": "delta-come", "ratio": "1/16", "options": {"alloc": "rd", "svd": "randomized"}},
 }

@@ -76,6 +76,23 @@ def to_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
     raise UnknownKindError(f"cannot take float values of dtype {dtype_name}")
 
 
+DELTA_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 base at a time
+
+
+def float32_delta(ft: np.ndarray, base: np.ndarray, dtype_name: str) -> np.ndarray:
+    """ft - base in float32, in a new array: the base is widened a slice at a time.
+
+    Widening it whole would hold a second float32 copy of the tensor (0.5 GB for a
+    7B model's embedding) beside the result.
+    """
+    delta = np.ascontiguousarray(to_float32(ft, dtype_name))  # so that the flat view below is one
+    flat, base_flat = delta.reshape(-1), base.reshape(-1)
+    for start in range(0, flat.size, DELTA_CHUNK_ELEMENTS):
+        stop = start + DELTA_CHUNK_ELEMENTS
+        flat[start:stop] -= to_float32(base_flat[start:stop], dtype_name)
+    return delta
+
+
 def from_float32(values: np.ndarray, dtype_name: str) -> np.ndarray:
     """float32 values rounded to nearest-even into a storage array of ``dtype_name``."""
     values = np.asarray(values, dtype=np.float32)

@@ -174,7 +174,9 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
     outstanding (running, or done and not yet accepted), the ``working_bytes`` of
     those running stay within ``memory_limit``, and the ``result_bytes`` of those
     outstanding within ``buffer_limit``; the job next in line to be accepted
-    always starts, so nothing waits on itself.
+    starts whatever the window and the buffer say, so nothing waits on itself,
+    and once the jobs running beside it leave room under ``memory_limit`` (a
+    job alone always runs).
     """
     version = version or (lambda i: None)
     result_bytes = result_bytes or (lambda i: 0)
@@ -198,6 +200,11 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
             raise error from e
         outstanding[i] = (future, v)
 
+    def fits(i) -> bool:
+        running = [j for j, (f, _) in outstanding.items() if not f.done()]
+        return not running or memory_limit is None or \
+            sum(working_bytes(j) for j in running) + working_bytes(i) <= memory_limit
+
     def admits(i) -> bool:
         if not outstanding:
             return True
@@ -205,9 +212,7 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
             return False
         if sum(result_bytes(j) for j in outstanding) + result_bytes(i) > buffer_limit:
             return False
-        running = [j for j, (f, _) in outstanding.items() if not f.done()]
-        return not running or memory_limit is None or \
-            sum(working_bytes(j) for j in running) + working_bytes(i) <= memory_limit
+        return fits(i)
 
     try:
         for accepted in range(count):
@@ -220,7 +225,10 @@ def run_ordered(executor, fn, count: int, make: Callable, *, accept: Callable, w
                     while position < count and order[position] in outstanding:
                         position += 1
                 if accepted not in outstanding:
-                    submit(accepted)  # the head of the line starts whatever the limits say
+                    if not fits(accepted):  # the memory limit holds for the head too, once it runs alone
+                        cf.wait([f for f, _ in outstanding.values() if not f.done()], return_when=cf.FIRST_COMPLETED)
+                        continue
+                    submit(accepted)  # the head of the line starts whatever the window and buffer say
                 head, v = outstanding[accepted]
                 if not head.done():
                     cf.wait([f for f, _ in outstanding.values() if not f.done()], return_when=cf.FIRST_COMPLETED)

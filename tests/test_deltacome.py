@@ -27,6 +27,7 @@ from dcm import lowrank, quant
 from dcm.methods import allocate, budget, deltacome, gptq
 from dcm.cli import main
 from dcm.constants import Kind
+from dcm.methods.base import TensorPlan
 from dcm.methods.deltacome import DeltaCoMe, parse_recipe
 from dcm.methods.svd import exact_svd, randomized_svd
 from dcm.errors import DcmError, UsageError
@@ -514,6 +515,30 @@ def test_rd_beats_or_ties_recipe_at_a_tight_budget(tmp_path):
         within_budget(out, Fraction(1, 16))
         errors[alloc] = frobenius_error(out, base, deltas)
     assert errors["rd"] <= errors["recipe"] * (1 + 1e-9), errors
+
+
+def test_rd_keeps_the_svd_of_a_record_that_dropped_vectors():
+    """A record that dropped planned vectors to fit is coded again when an earlier matrix leaves bytes
+    over: its SVD stays in the cache for that (one that kept every vector is never coded again)."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((48, 64)).astype(np.float32)
+    ft = base + 0.01 * rng.standard_normal((48, 64)).astype(np.float32)
+    method = DeltaCoMe(ratio="1/4", alloc="rd", group_size=16)
+    order, widths = np.arange(20), np.full(20, 8)
+    planned_cost = method.cost("w", "F32", (48, 64), allocate.groups_from_widths(widths, 16))
+    for budget_bytes, kept_all in ((planned_cost * 2, True), (planned_cost // 3, False)):
+        calls = []
+        real = deltacome.exact_svd
+        deltacome.exact_svd = lambda d: calls.append(1) or real(d)
+        try:
+            plan = TensorPlan(budget=budget_bytes, data=(order, widths))
+            _, params, _ = method.encode_tensor("w", ft, base, "F32", plan)
+            assert (params["groups"][-1][1] == widths.size) == kept_all
+            assert (method.cache.pop(("w", None)) is None) == kept_all
+            method.encode_tensor("w", ft, base, "F32", plan)  # the factors cached above, or a second SVD
+        finally:
+            deltacome.exact_svd = real
+        assert len(calls) == 2, (kept_all, calls)
 
 
 # --- SVD ---------------------------------------------------------------------------------------------

@@ -264,6 +264,39 @@ def test_property_speculative_runs_accept_what_a_serial_run_does(spends, seed, w
                result_bytes=lambda i: 1000, memory_limit=2) == run(serial)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=10), st.integers(0, 2**32 - 1), st.integers(1, 12))
+def test_property_jobs_running_together_stay_within_the_memory_limit(weights, seed, limit):
+    """On 3 threads, jobs in a shuffled start order (the largest first, as the encoder does): whenever two or
+    more run at once their working bytes fit the limit, the head of the line included; all are accepted."""
+    from dcm.parallel import ThreadExecutor
+    running, peak, lock = [], [], threading.Lock()
+    rng = random.Random(seed)
+    pauses = [rng.random() * 0.004 for _ in weights]
+
+    def job(_, i):
+        with lock:
+            running.append(i)
+            if len(running) > 1:
+                peak.append(sum(weights[j] for j in running))
+        threading.Event().wait(pauses[i])
+        with lock:
+            running.remove(i)
+        return i
+
+    executor = ThreadExecutor(3)
+    executor.start(None)
+    accepted = []
+    try:
+        order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+        run_ordered(executor, job, len(weights), lambda i, _: i, accept=lambda i, r: accepted.append(r) and False,
+                    working_bytes=weights.__getitem__, memory_limit=limit, order=order)
+    finally:
+        executor.shutdown()
+    assert accepted == list(range(len(weights)))
+    assert all(p <= limit for p in peak), (peak, limit)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 100), st.integers(500, 1500)), min_size=1, max_size=12),
        st.integers(0, 2**32 - 1), st.integers(1, 6))

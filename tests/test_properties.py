@@ -79,3 +79,23 @@ def test_encode_decode_round_trip(tensors, method, ratio, seed):
         mine, other = as_f64(ours[name][2], dt), as_f64(data, dt)
         step = np.abs(mine) * {"F32": 2.0**-22, "F16": 2.0**-9, "BF16": 2.0**-6}[dt] + 1e-6
         assert (np.abs(mine - other) <= step).all(), name  # the same tensor within a rounding step
+
+
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), chunk=st.integers(1, 64),
+       dt=st.sampled_from(["F32", "F16", "BF16"]), fortran=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_float32_delta_in_slices_is_the_whole_subtraction(rows, cols, chunk, dt, fortran, seed):
+    """The base is widened a slice at a time (memory); the result must not depend on the slicing or layout."""
+    rng = np.random.default_rng(seed)
+    ft, base = (dtypes.from_float32(rng.standard_normal((rows, cols)).astype(np.float32), dt) for _ in range(2))
+    if fortran:
+        ft, base = np.asfortranarray(ft), np.asfortranarray(base)
+    whole = dtypes.to_float32(ft, dt) - dtypes.to_float32(base, dt)
+    saved = dtypes.DELTA_CHUNK_ELEMENTS
+    dtypes.DELTA_CHUNK_ELEMENTS = chunk
+    try:
+        got = dtypes.float32_delta(ft, base, dt)
+    finally:
+        dtypes.DELTA_CHUNK_ELEMENTS = saved
+    assert got.dtype == np.float32 and got.shape == whole.shape
+    assert np.array_equal(got, whole)

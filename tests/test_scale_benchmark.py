@@ -72,3 +72,14 @@ def test_gpu_check_parses_and_refuses_without_cuda():
     done = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh")], capture_output=True, text=True, timeout=120,
                           env=env)
     assert done.returncode == 2 and "no CUDA device" in done.stdout
+
+
+def test_each_config_runs_the_allocation_its_name_says():
+    """delta-come's default allocation is rd: a recipe row must ask for the recipe (it once ran rd)."""
+    from dcm import methods
+    for name, cfg in scale.CONFIGS.items():
+        if cfg["method"] != "delta-come":
+            continue
+        method = methods.get_method(cfg["method"], cfg.get("options"), ratio=cfg["ratio"])
+        alloc, svd = name.split("-")
+        assert (method.alloc, method.svd) == (alloc, svd), name

@@ -222,8 +222,7 @@ class BudgetedMethod(Method):
             budget = plan.budget
         else:  # not planned (a direct call): this matrix alone at the ratio
             budget = int(self.ratio * 16 * numel) // 8
-        delta = dtypes.to_float32(ft, dtype_name)
-        delta -= dtypes.to_float32(base, dtype_name)
+        delta = dtypes.float32_delta(ft, base, dtype_name)
         coded = self.code(name, dtype_name, ft.shape, delta, budget)
         return coded.kind, coded.params, coded.raws
 

@@ -78,8 +78,7 @@ class BitDelta(BudgetedMethod):
         self.room = total - fixed
 
     def measure(self, name, ft, base, dtype_name) -> np.ndarray:
-        delta = dtypes.to_float32(ft, dtype_name)
-        delta -= dtypes.to_float32(base, dtype_name)
+        delta = dtypes.float32_delta(ft, base, dtype_name)
         return self.row_scales(delta)
 
     def allocate(self, tensors, measures) -> dict[str, TensorPlan]:
@@ -112,8 +111,7 @@ class BitDelta(BudgetedMethod):
         return {name: TensorPlan(data=rows) for name, rows in chosen.items()}
 
     def encode_tensor(self, name, ft, base, dtype_name, plan=None):
-        delta = dtypes.to_float32(ft, dtype_name)
-        delta -= dtypes.to_float32(base, dtype_name)
+        delta = dtypes.float32_delta(ft, base, dtype_name)
         scales = self.row_scales(delta).astype(np.float32)
         if plan is not None and plan.data is not None:
             scales[~plan.data] = 0

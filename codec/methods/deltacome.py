@@ -340,8 +340,7 @@ class DeltaCoMe(Method):
         cached = self.cache.pop((name, rank_hint))
         if cached is not None:
             return cached
-        delta = dtypes.to_float32(ft, dtype_name)  # a new array: subtracting in place saves a copy
-        delta -= dtypes.to_float32(base, dtype_name)
+        delta = dtypes.float32_delta(ft, base, dtype_name)
         if self.svd == "randomized" and rank_hint is not None:
             seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little")
             return randomized_svd(delta, rank_hint, self.oversample, self.power_iters, seed)
@@ -355,12 +354,18 @@ class DeltaCoMe(Method):
             plan = TensorPlan(budget=int(self.ratio * 16 * math.prod(shape)) // 8)
         delta = None  # only the U refit reads Δ itself
         if self.refit and self._hessians.sided(name, shape)[0] is not None:
-            delta = dtypes.to_float32(ft, dtype_name) - dtypes.to_float32(base, dtype_name)
+            delta = dtypes.float32_delta(ft, base, dtype_name)
         if self.alloc == "rd":
-            svd = self._rotated(name, shape, self.factorize(name, ft, base, dtype_name, self.hints.get(name)))
+            key = (name, self.hints.get(name))
+            factors = self.factorize(name, ft, base, dtype_name, key[1])
+            svd = self._rotated(name, shape, factors)
             order, widths = plan.data
             svd = Svd(svd.u[order], svd.s[order], svd.v[order])
             coded = self._fit_rd(name, dtype_name, shape, svd, widths, delta, plan.budget)
+            if sum(g.count for g in coded.groups) < widths.size:
+                # Vectors were dropped to fit: the encoder codes this matrix again should an earlier
+                # one leave bytes over, and the SVD is most of that work.
+                self.cache.put(key, factors)
         else:
             hint = self._rank_hint(name, dtype_name, shape, plan.budget)
             svd = self._rotated(name, shape, self.factorize(name, ft, base, dtype_name, hint))
