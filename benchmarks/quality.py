@@ -40,6 +40,7 @@ every row is a file that ``dcm.encode`` wrote at that ratio:
 - ``default``: ``delta-come`` with no option (what a user gets);
 - ``impart``:  ImPart, sparse singular vectors in float16;
 - ``impart-qt``, ``impart-qt-gptq``: ImPart-Qt, the sparse vectors quantized 8/3/2 (RTN, GPTQ);
+- ``impart-qt-rd``, ``impart-qt-rd-gptq``: the same with the budget shared by rate–distortion (the default);
 - ``lowrank``: the top-k singular triplets in float16;
 - ``dare``:    random drop with rescale, survivors in float16;
 - ``bitdelta``: sign bits and a scale per row (the rows with the largest scales, under a ratio);
@@ -339,8 +340,10 @@ METHOD_ROWS = {
     "rd-gptq-rot": ("delta-come rd+gptq rotated", "delta-come", {"alloc": "rd", "rotation": "hadamard"}, True),
     "default": ("delta-come default", "delta-come", {}, False),
     "impart": ("impart", "impart", {}, False),
-    "impart-qt": ("impart-qt rtn", "impart-qt", {}, False),
-    "impart-qt-gptq": ("impart-qt gptq", "impart-qt", {}, True),
+    "impart-qt": ("impart-qt rtn", "impart-qt", {"alloc": "recipe"}, False),  # the paper: shares by size
+    "impart-qt-gptq": ("impart-qt gptq", "impart-qt", {"alloc": "recipe"}, True),
+    "impart-qt-rd": ("impart-qt rd", "impart-qt", {"alloc": "rd"}, False),
+    "impart-qt-rd-gptq": ("impart-qt rd+gptq", "impart-qt", {"alloc": "rd"}, True),
     "lowrank": ("lowrank fp16", "lowrank", {}, False),
     "dare": ("dare", "dare", {}, False),
     "bitdelta": ("bitdelta", "bitdelta", {}, False),

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("delta-come, impart-qt (recipe, calibration, group size)")
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
                    help="delta-come: bit widths by rate-distortion over the file (default) or the paper's "
-                        "fixed recipe (to reproduce the paper)")
+                        "fixed recipe (to reproduce the paper); impart-qt: each matrix's budget by "
+                        "rate-distortion (rd) or by its size (recipe, the paper's, default)")
     g.add_argument("--clip", choices=("mse", "minmax"), default=None,
                    help="delta-come: each quantization group's grid over its whole range (the paper's "
                         "min-max, default) or clipped for least squared error")
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_positive, default=None, metavar="N",
                    help="code tensors in N worker processes instead (memory: N tensors' working sets)")
     g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="start a tensor only while the estimated working sets in flight stay under SIZE")
+                   help="start a tensor only while the estimated working sets in flight stay under SIZE "
+                        "(one whose estimate alone exceeds it runs by itself)")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="where SVD, GPTQ and quantization run: cpu (default) or cuda[:N] (a GPU's file is "
                         "close to the CPU's, not the same bytes)")

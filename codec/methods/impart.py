@@ -26,6 +26,16 @@ elements of a vector: dropped elements are never coded, so they stay exactly
 zero.  With calibration statistics the quantization is GPTQ on the masked
 factors (``gptq.quantize_rows_masked``, ``gptq.quantize_columns_masked``).
 
+``alloc="rd"`` (impart-qt's default; ``"recipe"``, the paper's shares by
+size, reproduces the paper) shares the file's budget over the matrices by
+rate–distortion: each matrix's SVD is measured at a grid of
+α (the expected record bytes, and the expected squared error: the dropped
+vectors' energy, and for a kept vector sᵢ²·((1 + εᵤ)(1 + εᵥ)/(1 − pᵢ)² − 1),
+the random drop's variance grown by the relative error ε of its grid's
+round-to-nearest, measured), and one slope λ picks every matrix's α
+(``RdCurve``, ``allocate_curves``).  Within a matrix the schedule above is
+unchanged; its budget is then fitted as always.
+
 ``mask="auto"`` also prices an explicit bitmask of the same positions and
 keeps the cheaper record (the hash costs 4 bytes a vector; a bitmask one bit
 an element, less once compressed).
@@ -34,22 +44,28 @@ an element, less once compressed).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from .. import masks, sections, sparse_lowrank
+from .. import dtypes, masks, sections, sparse_lowrank
 from ..calibrate import HessianCache, open_stats, plan_gptq
 from ..constants import Kind, MaskEncoding, Packing
 from ..errors import UsageError
 from ..lowrank import BitGroup
 from ..sparse_lowrank import FLOAT_BITS, Payload, Values
-from . import budget, gptq
-from .base import BudgetedMethod
+from . import accel, budget, gptq
+from .base import BudgetedMethod, TensorPlan
 from .baselines import _mask_option
 from .deltacome import DEFAULT_RECIPE, parse_recipe, recipe_text
-from .svd import Svd, exact_svd, rank_cap
+from .svd import Svd, SvdCache, exact_svd, rank_cap
 
 BISECT_STEPS = 40  # bisection steps on γ: far below one element of any matrix here
+ALLOCS = ("recipe", "rd")  # recipe: shares by size (the paper), as under delta-come
+RD_GRID = 129  # overall sparsities α priced per matrix under rd: 0, 1/128, ..., 1
+LAMBDA_STEPS = 100  # bisection steps on the slope λ (in log space)
+LOG_LAMBDA_RANGE = 80.0
+SVD_CACHE_BYTES = 2**30  # SVDs kept between measuring and coding under rd (per process)
 
 
 def sparsities(s: np.ndarray, shape, alpha: float, beta: float, power: float) -> np.ndarray:
@@ -71,6 +87,50 @@ def sparsities(s: np.ndarray, shape, alpha: float, beta: float, power: float) ->
         if (total[k - 1] + (k0 - k)) / k0 >= gamma - 1e-12:
             return p[:k]
     return p[:0]
+
+
+@dataclass
+class RdCurve:
+    """One matrix under rd: expected record bytes and squared error at each α of the grid."""
+
+    name: str
+    cost: np.ndarray  # (RD_GRID,) bytes, non-increasing in α
+    dist: np.ndarray  # (RD_GRID,)
+
+
+def expected_distortion(s: np.ndarray, p: np.ndarray, eps_u: np.ndarray, eps_v: np.ndarray) -> float:
+    """E‖Δ̂ − Δ‖² of the kept vectors' sparsities ``p`` (the rest dropped), relative RTN errors ε.
+
+    A kept vector's elements survive with probability 1 − p and are scaled by
+    1/(1 − p), so E[ûᵢv̂ᵢᵀ] = uᵢvᵢᵀ and E‖ûᵢ‖² = (1 + εᵤ)/(1 − p) with the
+    grid's error on top; the masks of u and v are independent.
+    """
+    k = p.size
+    s2 = s.astype(np.float64) ** 2
+    kept = s2[:k] * ((1 + eps_u[:k]) * (1 + eps_v[:k]) / (1 - p) ** 2 - 1)
+    return float(kept.sum() + s2[k:].sum())
+
+
+def allocate_curves(curves: list[RdCurve], total: int) -> list[int]:
+    """Each curve's grid index minimising Σ dist + λ·Σ cost for the smallest λ whose Σ cost fits ``total``.
+
+    The last grid point (α = 1, the empty record) always fits: prepare checked it.
+    """
+    def choose(lam):
+        return [int(np.argmin(c.dist + lam * c.cost)) for c in curves]
+
+    def spent(choice):
+        return sum(int(c.cost[i]) for c, i in zip(curves, choice))
+
+    if spent(choose(0.0)) <= total:
+        return choose(0.0)
+    lo, hi = -LOG_LAMBDA_RANGE, LOG_LAMBDA_RANGE  # squared errors per byte, e^±80: any float32 delta's
+    if spent(choose(math.exp(hi))) > total:
+        return [len(c.cost) - 1 for c in curves]
+    for _ in range(LAMBDA_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(choose(math.exp(mid))) <= total else (mid, hi)
+    return choose(math.exp(hi))
 
 
 class ImPart(BudgetedMethod):
@@ -120,7 +180,7 @@ class ImPart(BudgetedMethod):
     # --- coding ----------------------------------------------------------------------
 
     def code(self, name, dtype_name, shape, delta, limit):
-        svd = exact_svd(delta)
+        svd = self._svd(name, delta)
         seed = masks.record_seed(self.seed, name)
 
         def p_of(alpha):
@@ -138,6 +198,9 @@ class ImPart(BudgetedMethod):
         def build(alpha):
             return self.build(name, dtype_name, shape, svd, p_of(alpha), seed, alpha)
         return budget.fit(build, knob_for, limit, lambda: build(1.0))
+
+    def _svd(self, name, delta) -> Svd:
+        return exact_svd(delta)
 
     def build(self, name, dtype_name, shape, svd: Svd, p: np.ndarray, seed: int, alpha: float):
         k = p.size
@@ -177,10 +240,14 @@ class ImPartQt(ImPart):
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  beta: float = 0.6, power: float = 0.5, mask: str = "auto", recipe=DEFAULT_RECIPE,
-                 group_size: int = 128, calibration=None, damp: float = 0.01):
+                 group_size: int = 128, calibration=None, damp: float = 0.01, alloc: str = "rd"):
         super().__init__(ratio, include, exclude, zstd_level, seed=seed, beta=beta, power=power, mask=mask)
         if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
             raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
+        if alloc not in ALLOCS:
+            raise UsageError(f"impart-qt's alloc must be one of {', '.join(ALLOCS)}, got {alloc!r}")
+        self.alloc = alloc
+        self.cache = SvdCache(SVD_CACHE_BYTES)  # rd: SVDs measured, kept for coding
         self.recipe, self.group_size, self.damp = parse_recipe(recipe), group_size, float(damp)
         self.stats = open_stats(calibration)
         self._hessians = HessianCache(self.stats)
@@ -194,6 +261,7 @@ class ImPartQt(ImPart):
     def get_config(self) -> dict:
         config = {**super().get_config(), "recipe": recipe_text(self.recipe), "group_size": self.group_size,
                   "quantizer": "gptq" if self.stats else "rtn"}
+        config["alloc"] = self.alloc  # files of earlier versions have none: their shares were by size
         if self.stats:
             config.update({"damp": self.damp, "calibration_tokens": self.stats.tokens,
                            "calibration_sha256": self.stats.sha256, "gptq_tensors": list(self.gptq_tensors)})
@@ -201,6 +269,42 @@ class ImPartQt(ImPart):
 
     def _values_config(self):
         return "quantized"
+
+    # --- rd: the budget shared by rate-distortion -------------------------------------
+
+    @property
+    def measures(self) -> bool:
+        return self.alloc == "rd"
+
+    def measure(self, name, ft, base, dtype_name) -> RdCurve:
+        """Expected bytes and squared error over the α grid (weights metric; the SVD is kept for coding)."""
+        shape = ft.shape
+        svd = exact_svd(dtypes.float32_delta(ft, base, dtype_name))
+        r = rank_cap(svd.s, shape)
+        widths = np.array([g.bits for g in self.groups(r) for _ in range(g.count)], dtype=np.int64)
+        eps_u, eps_v = (_rtn_error(x[:r], widths, self.group_size) for x in (svd.u, svd.v))
+        costs, dists = [], []
+        for alpha in np.linspace(0.0, 1.0, RD_GRID):
+            p = sparsities(svd.s, shape, float(alpha), self.beta, self.power)
+            costs.append(self.estimate(name, dtype_name, shape, p))
+            dists.append(expected_distortion(svd.s, p, eps_u, eps_v))
+        self.cache.put(name, svd)
+        return RdCurve(name, np.array(costs, dtype=np.float64), np.array(dists))
+
+    def allocate(self, tensors, measures) -> dict[str, TensorPlan]:
+        if self.alloc != "rd" or self.budget is None:
+            return super().allocate(tensors, measures)
+        curves = [measures[t.name] for t in tensors]
+        chosen = allocate_curves(curves, self.budget.total)
+        costs = {c.name: int(c.cost[i]) for c, i in zip(curves, chosen)}
+        # What the choice left over is shared by size: records come out smaller than their raw
+        # estimate once compressed, and the fit spends each one's share on a lower α.
+        shares = budget.share_budgets(tensors, self.budget.total - sum(costs.values()), lambda t: 0)
+        return {t.name: TensorPlan(budget=costs[t.name] + shares[t.name]) for t in tensors}
+
+    def _svd(self, name, delta) -> Svd:
+        cached = self.cache.pop(name) if self.alloc == "rd" else None
+        return cached if cached is not None else exact_svd(delta)
 
     def groups(self, k: int) -> list[BitGroup]:
         """The recipe's bit groups over the k kept vectors (the last count stretches to k)."""
@@ -239,6 +343,15 @@ class ImPartQt(ImPart):
     def calibrated(self, name, shape) -> bool:
         """Whether this matrix is quantized with GPTQ (the statistics hold its input Hessian)."""
         return self._hessians.available(name, shape)
+
+
+def _rtn_error(x: np.ndarray, widths: np.ndarray, group_size: int) -> np.ndarray:
+    """Per row of ``x``, ‖RTN(x) − x‖² / ‖x‖² at its width (min–max grids, as the record's)."""
+    if not x.shape[0]:
+        return np.zeros(0)
+    err = x - accel.dequantize(*accel.rtn(x, widths, group_size), group_size)
+    norm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    return np.einsum("ij,ij->i", err, err, dtype=np.float64) / np.maximum(norm, np.finfo(np.float64).tiny)
 
 
 def _slice_values(per_vector: list, keep: np.ndarray, group: BitGroup) -> Values:
