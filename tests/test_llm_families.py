@@ -573,10 +573,13 @@ def test_gptq_on_gpt2_conv1d_uses_the_input_side(tmp_path, calibration_text, fil
     """Conv1D matrices are GPTQ'd against the Hessian of their first axis: lower output error than plain
     rounding; the file lists every GPTQ'd matrix."""
     stats = calibrate("gpt2", calibration_text, tmp_path / "stats.safetensors")
-    rtn = files.encode("gpt2", f"ft1-{method}", method=method, ratio=RATIO)
+    # impart-qt's shares by size: rd leaves some matrices a few very sparse vectors, where GPTQ has little
+    # to improve (median ratio 0.94 there against 0.9 here), which would measure the allocation, not the side.
+    options = {"alloc": "recipe"} if method == "impart-qt" else {}
+    rtn = files.encode("gpt2", f"ft1-{method}-{options}", method=method, ratio=RATIO, options=options)
     gptq = tmp_path / "gptq.dcm"
     dcm.encode(model_dir("gpt2"), model_dir("gpt2", "ft1"), gptq, method=method, ratio=RATIO,
-               options={"calibration": str(tmp_path / "stats.safetensors")})
+               options={**options, "calibration": str(tmp_path / "stats.safetensors")})
     conv = [n for n in stats.transposed]
     assert len(conv) == 4 * tiny_llms.LAYERS
     with dcm.open(gptq) as f_gptq, dcm.open(rtn) as f_rtn, Checkpoint(model_dir("gpt2")) as base, \
