@@ -40,7 +40,7 @@ every row is a file that ``dcm.encode`` wrote at that ratio:
 - ``default``: ``delta-come`` with no option (what a user gets);
 - ``impart``:  ImPart, sparse singular vectors in float16;
 - ``impart-qt``, ``impart-qt-gptq``: ImPart-Qt, the sparse vectors quantized 8/3/2 (RTN, GPTQ);
-- ``impart-qt-rd``, ``impart-qt-rd-gptq``: the same with the budget shared by rate–distortion (the default);
+- ``impart-qt-rd``, ``impart-qt-rd-gptq``: the same with the budget shared by rate–distortion (``--alloc rd``);
 - ``lowrank``: the top-k singular triplets in float16;
 - ``dare``:    random drop with rescale, survivors in float16;
 - ``bitdelta``: sign bits and a scale per row (the rows with the largest scales, under a ratio);

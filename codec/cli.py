@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alloc", choices=("recipe", "rd"), default=None,
                    help="delta-come: bit widths by rate-distortion over the file (default) or the paper's "
                         "fixed recipe (to reproduce the paper); impart-qt: each matrix's budget by "
-                        "rate-distortion (rd) or by its size (recipe, the paper's, default)")
+                        "its size (recipe, the paper's, default) or by rate-distortion (rd)")
     g.add_argument("--clip", choices=("mse", "minmax"), default=None,
                    help="delta-come: each quantization group's grid over its whole range (the paper's "
                         "min-max, default) or clipped for least squared error")

@@ -52,8 +52,8 @@ METHODS = {  # label: (method, options)
     "delta-come-rotated": ("delta-come", {"rotation": "hadamard"}),  # lowrank-rotated records
     "delta-come-recipe": ("delta-come", {"alloc": "recipe"}),  # the paper's recipe and min-max grids
     "impart": ("impart", {}),
-    "impart-qt": ("impart-qt", {}),  # rd: each matrix's budget by rate-distortion
-    "impart-qt-recipe": ("impart-qt", {"alloc": "recipe"}),  # the paper's shares by size
+    "impart-qt": ("impart-qt", {}),  # the paper's shares by size
+    "impart-qt-rd": ("impart-qt", {"alloc": "rd"}),  # each matrix's budget by rate-distortion
     "lowrank": ("lowrank", {}),
     "dare": ("dare", {}),
     "bitdelta": ("bitdelta", {}),
@@ -73,14 +73,14 @@ MEASURED = {
     ("impart", "1/8"): (0.4508, 0.8396), ("impart", "1/16"): (0.6093, 0.8853),
     # rd loses at 1/8 here (0.314 vs 0.286): three matrices of one spectrum leave it nothing to move, and its
     # error model is an expectation; on the real pair it gains 0.004-0.03 of gain (README, Measured).
-    ("impart-qt", "1/8"): (0.3140, 0.9110), ("impart-qt", "1/16"): (0.4650, 0.8215),
-    ("impart-qt-recipe", "1/8"): (0.2853, 0.9248), ("impart-qt-recipe", "1/16"): (0.4665, 0.8203),
+    ("impart-qt-rd", "1/8"): (0.3140, 0.9110), ("impart-qt-rd", "1/16"): (0.4650, 0.8215),
+    ("impart-qt", "1/8"): (0.2853, 0.9248), ("impart-qt", "1/16"): (0.4665, 0.8203),
     ("lowrank", "1/8"): (0.1533, 1.0000), ("lowrank", "1/16"): (0.5498, 1.0000),
     ("dare", "1/8"): (2.5851, None), ("dare", "1/16"): (3.8541, None),
     ("bitdelta", "1/16"): (0.6536, 1.0000), ("bitdelta", "1/24"): (0.7737, 1.0000),
 }
 SVD_METHODS = ("delta-come", "delta-come-mse", "delta-come-rotated", "delta-come-recipe", "impart", "impart-qt",
-               "impart-qt-recipe", "lowrank")
+               "impart-qt-rd", "lowrank")
 
 
 def bound(measured: float) -> float:

@@ -26,8 +26,9 @@ elements of a vector: dropped elements are never coded, so they stay exactly
 zero.  With calibration statistics the quantization is GPTQ on the masked
 factors (``gptq.quantize_rows_masked``, ``gptq.quantize_columns_masked``).
 
-``alloc="rd"`` (impart-qt's default; ``"recipe"``, the paper's shares by
-size, reproduces the paper) shares the file's budget over the matrices by
+``alloc="rd"`` (impart-qt; the default stays ``"recipe"``, the paper's shares
+by size: rd gains on the real BERT pair but loses on the tiny decoder LLMs,
+README, Measured) shares the file's budget over the matrices by
 rate–distortion: each matrix's SVD is measured at a grid of
 α (the expected record bytes, and the expected squared error: the dropped
 vectors' energy, and for a kept vector sᵢ²·((1 + εᵤ)(1 + εᵥ)/(1 − pᵢ)² − 1),
@@ -240,7 +241,7 @@ class ImPartQt(ImPart):
 
     def __init__(self, ratio=None, include=None, exclude=None, zstd_level: int | None = None, *, seed: int = 0,
                  beta: float = 0.6, power: float = 0.5, mask: str = "auto", recipe=DEFAULT_RECIPE,
-                 group_size: int = 128, calibration=None, damp: float = 0.01, alloc: str = "rd"):
+                 group_size: int = 128, calibration=None, damp: float = 0.01, alloc: str = "recipe"):
         super().__init__(ratio, include, exclude, zstd_level, seed=seed, beta=beta, power=power, mask=mask)
         if not isinstance(group_size, int) or not 1 <= group_size <= 65536:
             raise UsageError(f"group size must be an integer in 1..65536, got {group_size!r}")
