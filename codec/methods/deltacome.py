@@ -336,11 +336,13 @@ class DeltaCoMe(Method):
 
     # --- encoding ------------------------------------------------------------------------
 
-    def factorize(self, name, ft, base, dtype_name, rank_hint) -> Svd:
+    def factorize(self, name, ft, base, dtype_name, rank_hint, delta=None) -> Svd:
+        """The SVD of Δ (``delta`` when the caller has it already), from the cache when measured."""
         cached = self.cache.pop((name, rank_hint))
         if cached is not None:
             return cached
-        delta = dtypes.float32_delta(ft, base, dtype_name)
+        if delta is None:
+            delta = dtypes.float32_delta(ft, base, dtype_name)
         if self.svd == "randomized" and rank_hint is not None:
             seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little")
             return randomized_svd(delta, rank_hint, self.oversample, self.power_iters, seed)
@@ -357,18 +359,18 @@ class DeltaCoMe(Method):
             delta = dtypes.float32_delta(ft, base, dtype_name)
         if self.alloc == "rd":
             key = (name, self.hints.get(name))
-            factors = self.factorize(name, ft, base, dtype_name, key[1])
+            factors = self.factorize(name, ft, base, dtype_name, key[1], delta)
             svd = self._rotated(name, shape, factors)
             order, widths = plan.data
             svd = Svd(svd.u[order], svd.s[order], svd.v[order])
             coded = self._fit_rd(name, dtype_name, shape, svd, widths, delta, plan.budget)
-            if sum(g.count for g in coded.groups) < widths.size:
+            if not self.holds_with_more_budget(plan, coded.params):
                 # Vectors were dropped to fit: the encoder codes this matrix again should an earlier
                 # one leave bytes over, and the SVD is most of that work.
                 self.cache.put(key, factors)
         else:
             hint = self._rank_hint(name, dtype_name, shape, plan.budget)
-            svd = self._rotated(name, shape, self.factorize(name, ft, base, dtype_name, hint))
+            svd = self._rotated(name, shape, self.factorize(name, ft, base, dtype_name, hint, delta))
             coded = self._fit_recipe(name, dtype_name, shape, svd, delta, plan.budget)
         return coded.kind, coded.params, coded.raws
 
