@@ -517,6 +517,65 @@ def test_rd_beats_or_ties_recipe_at_a_tight_budget(tmp_path):
     assert errors["rd"] <= errors["recipe"] * (1 + 1e-9), errors
 
 
+def planned(ft, base, order, widths, group_size, widths_measured=deltacome.DEFAULT_WIDTHS):
+    """An rd plan of ``widths`` for the vectors ``order`` of ft − base, with the measured costs and errors."""
+    c = allocate.Candidates.measure("w", "F32", ft.shape, exact_svd(ft - base), widths_measured, group_size,
+                                    zstd_level=3)
+    return deltacome.RdPlan(np.asarray(order), np.asarray(widths), c.widths, c.cost, c.dist[order])
+
+
+def test_rd_narrowing_takes_the_cheapest_error_per_byte_first():
+    options, cost = np.array([0, 2, 3, 4, 8]), np.array([0.0, 10, 15, 20, 40])
+    dist = np.array([[100.0, 4, 2, 1, 0.1],     # 3 -> 2 bits: +2 error for 5 bytes (0.4 a byte)
+                     [100.0, 30, 10, 5, 0.1],   # 3 -> 2 bits: +20 for 5 bytes (4 a byte)
+                     [1.0, 0.5, 0.3, 0.2, 0]])  # 2 -> 0: +0.5 for 10 bytes (0.05 a byte)
+    plan = deltacome.RdPlan(np.arange(3), np.array([3, 3, 2]), options, cost, dist)
+    assert plan.narrowed(plan.widths, 1).tolist() == [3, 3, 0]
+    assert plan.narrowed(plan.widths, 12).tolist() == [2, 3, 0]
+    assert plan.narrowed(plan.widths, 16).tolist() == [2, 2, 0]  # 4 a byte before 2 -> 0 at 9.6
+    assert plan.narrowed(plan.widths, 10**6).tolist() == [0, 0, 0]  # at most everything
+    assert plan.widths.tolist() == [3, 3, 2]  # the plan itself is left as it was
+
+
+def test_rd_record_a_few_bytes_over_narrows_instead_of_emptying(tmp_path):
+    """A rank-1 plan a few bytes over its budget (a tiny blob compresses worse than planning measured)
+    is coded one width narrower, not dropped: BERT's token-type embeddings (2 x 384) lost their only
+    vector that way and the real pair's gain fell from 0.988 to 0.982 at 1/16."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 384)).astype(np.float32)
+    ft = base + np.outer([1.0, -0.5], rng.standard_normal(384)).astype(np.float32)
+    method = DeltaCoMe(ratio="1/16", alloc="rd", group_size=128)
+    plan = planned(ft, base, [0], [3], 128)
+    full = method.cost("w", "F32", (2, 384), allocate.groups_from_widths([3], 128))
+    _, params, _ = method.encode_tensor("w", ft, base, "F32", TensorPlan(budget=full - 3, data=plan))
+    assert params["groups"] == [[0, 1, 2, 128]]
+
+
+def test_rd_plans_leave_headroom_within_the_file_budget(tmp_path):
+    names = {"a": (48, 64), "b": (40, 32), "tiny": (2, 48)}
+    base_dir, ft_dir, _, _, _ = make_pair(tmp_path, names)
+    seen = {}
+    real = DeltaCoMe.allocate
+
+    def spy(self, tensors, measures):
+        plans = real(self, tensors, measures)
+        seen.update(total=self.total, plans=plans, measures=measures)
+        return plans
+    DeltaCoMe.allocate = spy
+    try:
+        dcm.encode(base_dir, ft_dir, tmp_path / "o.dcm", method="delta-come", ratio="1/8", options={"group_size": 16})
+    finally:
+        DeltaCoMe.allocate = real
+    plans, method = seen["plans"], DeltaCoMe(group_size=16)
+    assert sum(p.budget for p in plans.values()) <= seen["total"]
+    for name, p in plans.items():
+        c = seen["measures"][name]
+        widths = np.zeros(len(c.dist), dtype=np.int64)
+        widths[p.data.order] = p.data.widths
+        estimate = allocate.estimated_cost(c, widths, method.cost, 16)
+        assert p.budget >= estimate, (name, p.budget, estimate)
+
+
 def test_rd_keeps_the_svd_of_a_record_that_dropped_vectors():
     """A record that dropped planned vectors to fit is coded again when an earlier matrix leaves bytes
     over: its SVD stays in the cache for that (one that kept every vector is never coded again)."""
@@ -525,15 +584,16 @@ def test_rd_keeps_the_svd_of_a_record_that_dropped_vectors():
     ft = base + 0.01 * rng.standard_normal((48, 64)).astype(np.float32)
     method = DeltaCoMe(ratio="1/4", alloc="rd", group_size=16)
     order, widths = np.arange(20), np.full(20, 8)
+    rd_plan = planned(ft, base, order, widths, 16)
     planned_cost = method.cost("w", "F32", (48, 64), allocate.groups_from_widths(widths, 16))
     for budget_bytes, kept_all in ((planned_cost * 2, True), (planned_cost // 3, False)):
         calls = []
         real = deltacome.exact_svd
         deltacome.exact_svd = lambda d: calls.append(1) or real(d)
         try:
-            plan = TensorPlan(budget=budget_bytes, data=(order, widths))
+            plan = TensorPlan(budget=budget_bytes, data=rd_plan)
             _, params, _ = method.encode_tensor("w", ft, base, "F32", plan)
-            assert (params["groups"][-1][1] == widths.size) == kept_all
+            assert (params["groups"] == [[0, 20, 8, 16]]) == kept_all
             assert (method.cache.pop(("w", None)) is None) == kept_all
             method.encode_tensor("w", ft, base, "F32", plan)  # the factors cached above, or a second SVD
         finally:

@@ -24,7 +24,7 @@ import dcm
 from dcm import cli, compute, jobs, methods
 from dcm.errors import UsageError, WorkerError
 from dcm.methods.budget import CARRY_MIN_SHARE, Ledger
-from dcm.methods.deltacome import DeltaCoMe
+from dcm.methods.deltacome import DeltaCoMe, RdPlan
 from dcm.parallel import InlineExecutor, run_ordered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,8 +86,8 @@ def stats(tmp_path_factory):
 
 CASES = {
     "lossless": ("lossless", None, {}),
-    "recipe": ("delta-come", "1/8", {}),
-    "recipe-randomized": ("delta-come", "1/8", {"svd": "randomized"}),
+    "recipe": ("delta-come", "1/8", {"alloc": "recipe"}),
+    "recipe-randomized": ("delta-come", "1/8", {"alloc": "recipe", "svd": "randomized"}),
     "rd": ("delta-come", "1/8", {"alloc": "rd"}),
     "rd-randomized": ("delta-come", "1/8", {"alloc": "rd", "svd": "randomized"}),
     "gptq": ("delta-come", "1/8", {"calibration": "STATS"}),
@@ -130,8 +130,10 @@ def test_workers_give_the_same_bytes(pair, stats, tmp_path, case):
 
 def test_the_ledger_passes_a_leftover_on(pair, tmp_path):
     """d.weight has no delta: its share goes to the matrices after it, which the speculative run codes
-    again; the file is the serial one, and spends more than one that passed nothing on."""
-    report = dcm.encode(*pair, tmp_path / "x.dcm", method="delta-come", ratio="1/8", threads=3)
+    again; the file is the serial one.  (The recipe's shares are by size; rd never plans bytes for a
+    matrix that cannot spend them.)"""
+    report = dcm.encode(*pair, tmp_path / "x.dcm", method="delta-come", ratio="1/8", threads=3,
+                        options={"alloc": "recipe"})
     assert report.recoded > 0
     assert (tmp_path / "x.dcm").read_bytes() == encode(pair, tmp_path / "s.dcm", "recipe", threads=1)
 
@@ -338,9 +340,13 @@ def test_rd_passes_leftovers_on_without_recoding_what_holds(pair, tmp_path):
     the file is the serial one."""
     method = methods.get_method("delta-come", {"alloc": "rd"}, ratio="1/8")
     assert method.carries_leftover
-    plan = methods.base.TensorPlan(budget=100, data=(np.arange(3), np.array([8, 3, 3])))
+    options = np.array([0, 2, 3, 4, 8])
+    rd_plan = RdPlan(np.arange(3), np.array([8, 3, 3]), options, np.ones(5), np.zeros((3, 5)))
+    plan = methods.base.TensorPlan(budget=100, data=rd_plan)
     assert method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 3, 3, 128]]})
-    assert not method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 2, 3, 128]]})
+    assert not method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 2, 3, 128]]})  # dropped
+    assert not method.holds_with_more_budget(plan, {"groups": [[0, 1, 8, 128], [1, 2, 3, 128],
+                                                               [2, 3, 2, 128]]})  # narrowed
     assert not methods.get_method("delta-come", ratio="1/8").holds_with_more_budget(plan, {"groups": []})
     serial = encode(pair, tmp_path / "serial.dcm", "rd", threads=1)
     assert encode(pair, tmp_path / "t3.dcm", "rd", threads=3) == serial
