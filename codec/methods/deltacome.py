@@ -359,8 +359,7 @@ class DeltaCoMe(Method):
         chosen = allocate.allocate(candidates, self.total - reserve, self.cost, self.group_size)
         plans, costs = {}, {}
         for c, widths in zip(candidates, chosen):
-            order = np.lexsort((np.arange(widths.size), -widths))  # widest first, then by S
-            keep = order[widths[order] > 0]
+            keep = _widest_first(widths)
             plans[c.name] = RdPlan(keep, widths[keep], c.widths, c.cost, c.dist[keep])
             costs[c.name] = allocate.estimated_cost(c, widths, self.cost, self.group_size)
         # What the allocation left (the headroom, and the last bytes no vector fits) goes back to the
@@ -408,7 +407,7 @@ class DeltaCoMe(Method):
             svd = Svd(svd.u[order], svd.s[order], svd.v[order])
             coded = self._fit_rd(name, dtype_name, shape, svd, plan.data, delta, plan.budget)
             if not self.holds_with_more_budget(plan, coded.params):
-                # Vectors were dropped to fit: the encoder codes this matrix again should an earlier
+                # Vectors were narrowed or dropped to fit: the encoder codes this matrix again should an earlier
                 # one leave bytes over, and the SVD is most of that work.
                 self.cache.put(key, factors)
         else:
@@ -466,7 +465,7 @@ class DeltaCoMe(Method):
 
         Planning estimates stored sizes from one blob per width; a record mixing
         widths compresses a little worse (zstd fits one literal table to the whole
-        blob), so most records come out 1-3 % over their plan.  The vectors that
+        blob), so a record may come out over its plan despite the headroom.  The vectors that
         give way are those whose narrowing (or, at the narrowest width, dropping)
         costs the least error per byte saved, the price the allocation itself
         used.  Dropping the last vectors instead would empty a rank-1 record
@@ -474,8 +473,7 @@ class DeltaCoMe(Method):
         """
         widths = plan.widths.copy()
         while True:
-            order = np.lexsort((np.arange(widths.size), -widths))  # widest first, then by S
-            keep = order[widths[order] > 0]
+            keep = _widest_first(widths)
             groups = groups_from_widths(widths[keep], self.group_size)
             coded = self._coded(name, dtype_name, shape, Svd(svd.u[keep], svd.s[keep], svd.v[keep]), groups,
                                 delta)
@@ -583,6 +581,12 @@ class DeltaCoMe(Method):
     def cost(self, name, dtype_name, shape, groups, alignment: int = DEFAULT_ALIGNMENT, stored=None) -> int:
         """``record_cost`` of the matrix's record (lowrank-rotated params when it rotates)."""
         return record_cost(name, dtype_name, shape, groups, alignment, stored, self._rotation(name, shape))
+
+
+def _widest_first(widths: np.ndarray) -> np.ndarray:
+    """Indices of the vectors with a width > 0, widest first, then in SVD order: a record's layout."""
+    order = np.lexsort((np.arange(widths.size), -widths))
+    return order[widths[order] > 0]
 
 
 def _sliced(quantized, groups):
